@@ -1,0 +1,1 @@
+"""Gin configuration files of xtr_jax (models/ -> runs/ -> experiments/); installed as package data."""
