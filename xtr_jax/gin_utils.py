@@ -14,6 +14,7 @@ The operative config (every value actually used) is written by the entry point t
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -99,13 +100,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return parser.parse_args(rewrite_gin_args(argv))
 
 
+def _drop_gin_path_misses(record: logging.LogRecord) -> bool:
+  return not (record.name == "root" and str(record.msg).startswith("Path not found:"))
+
+
 def parse_gin(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
               extra_search_paths: Sequence[str] = (), *, finalize: bool = True) -> None:
   """Parses gin files (resolved through the search paths) then bindings; bindings win over files."""
   for path in list(extra_search_paths) + gin_search_paths():
-    gin.add_config_file_search_path(path)
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
   resolved = [resolve_gin_file(f) for f in gin_files]
-  gin.parse_config_files_and_bindings(resolved, list(gin_bindings), finalize_config=finalize)
+  # gin tries every search prefix for an `include` and logs a misleading ERROR for each miss before it finds the
+  # file; a real miss still raises IOError listing the prefixes.
+  root = logging.getLogger()
+  root.addFilter(_drop_gin_path_misses)
+  try:
+    gin.parse_config_files_and_bindings(resolved, list(gin_bindings), finalize_config=finalize)
+  finally:
+    root.removeFilter(_drop_gin_path_misses)
 
 
 def write_operative_config(model_dir: str, *, summary_writer: Any | None = None) -> str:

@@ -1,0 +1,341 @@
+"""Token index over every document token embedding: ScaNN (approximate) or exact brute force, one interface.
+
+    index = build_index(embeddings, backend="scann")     # embeddings float16/float32 [T, D]
+    scores, token_ids = index.search(q, k)               # q float32 [N, D] -> [N, k] each, token_ids -1 = missing
+    index.save(dir); index = load_index(dir)
+
+ScaNN defaults reproduce the official XTR notebook (google-deepmind/xtr, xtr_evaluation_on_beir_miracl.ipynb):
+`builder(db, k, "dot_product").tree(num_leaves=min(2000, T), num_leaves_to_search=100,
+training_sample_size=min(250000, T)).score_ah(1, anisotropic_quantization_threshold=0.1).build()`, no reordering.
+Every parameter is a keyword of the gin-configurable `build_index` (gin name `xtr_build_index`).
+
+A search asking for k > T neighbours is clamped to k = T and the remaining columns are padding (-1 / -inf): the
+scorer treats them as missing, so asking for k' larger than the corpus is harmless.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INDEX_MANIFEST = "token_index.json"
+FORMAT_VERSION = 1
+BACKENDS = ("scann", "bruteforce")
+
+
+def _check_embeddings(embeddings) -> np.ndarray:
+  if not hasattr(embeddings, "ndim") or embeddings.ndim != 2:
+    raise ValueError(f"embeddings must be a [T, D] array, got shape {getattr(embeddings, 'shape', type(embeddings))}")
+  if embeddings.shape[0] == 0:
+    raise ValueError("cannot build a token index over an empty corpus (0 token embeddings)")
+  if embeddings.dtype not in (np.float16, np.float32):
+    raise ValueError(f"embeddings must be float16 or float32, got {embeddings.dtype}")
+  return embeddings
+
+
+class TokenIndex(abc.ABC):
+  """Base class: `search(q float32 [N, D], k) -> (scores float32 [N, k], token_ids int32 [N, k])`, -1 = missing."""
+
+  backend = ""
+
+  def __init__(self, num_tokens: int, dim: int, params: dict[str, Any], identity: dict[str, Any] | None):
+    self.num_tokens = int(num_tokens)
+    self.dim = int(dim)
+    self.params = dict(params)
+    self.identity = dict(identity or {})
+    self.build_seconds = float(self.params.pop("build_seconds", 0.0))
+
+  def _check_query(self, q, k: int) -> tuple[np.ndarray, int]:
+    q = np.asarray(q, np.float32)
+    if q.ndim != 2:
+      raise ValueError(f"queries must be [N, D], got shape {q.shape}")
+    if q.shape[1] != self.dim:
+      raise ValueError(f"query dimension {q.shape[1]} does not match the index dimension {self.dim}")
+    if int(k) < 1:
+      raise ValueError(f"k must be >= 1, got {k}")
+    return q, int(k)
+
+  def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k tokens by inner product; k > num_tokens is clamped (extra columns: score -inf, id -1)."""
+    q, k = self._check_query(q, k)
+    kk = min(k, self.num_tokens)
+    scores, ids = self._search(q, kk)
+    if kk < k:
+      scores = np.concatenate([scores, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
+      ids = np.concatenate([ids, np.full((len(q), k - kk), -1, np.int32)], axis=1)
+    return scores, ids
+
+  @abc.abstractmethod
+  def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Backend search with 1 <= k <= num_tokens: (scores float32 [N, k], token ids int32 [N, k])."""
+
+  def _manifest(self) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "backend": self.backend, "num_tokens": self.num_tokens,
+            "dim": self.dim, "params": self.params, "identity": self.identity,
+            "build_seconds": self.build_seconds}
+
+  def save(self, directory: str) -> None:
+    """Writes the backend's files and `token_index.json` (backend, sizes, params, model identity, sha256s)."""
+    os.makedirs(directory, exist_ok=True)
+    files = self._save_files(directory)
+    manifest = self._manifest()
+    manifest["files"] = {name: _sha256(os.path.join(directory, name)) for name in files}
+    tmp = os.path.join(directory, INDEX_MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, INDEX_MANIFEST))
+
+  @abc.abstractmethod
+  def _save_files(self, directory: str) -> list[str]:
+    """Writes the backend's files into `directory`; returns their paths relative to it."""
+
+  def index_bytes(self, directory: str) -> int:
+    """Bytes on disk of a saved index (manifest excluded)."""
+    with open(os.path.join(directory, INDEX_MANIFEST), encoding="utf-8") as f:
+      return sum(os.path.getsize(os.path.join(directory, n)) for n in json.load(f)["files"])
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _bruteforce_topk(q, chunks, valid_per_chunk, *, k: int):
+  """q f32 [N, D]; chunks [C, S, D]; valid_per_chunk int32 [C] -> best k over all chunks (ties: lower token id)."""
+  n = q.shape[0]
+  chunk_size = chunks.shape[1]
+  kc = min(k, chunk_size)
+
+  def step(carry, xs):
+    best_s, best_i = carry
+    chunk, n_valid, c = xs
+    s = q @ chunk.astype(jnp.float32).T  # [N, S]
+    s = jnp.where(jnp.arange(chunk_size)[None, :] < n_valid, s, -jnp.inf)
+    cs, ci = jax.lax.top_k(s, kc)
+    cand_s = jnp.concatenate([best_s, cs], axis=1)
+    cand_i = jnp.concatenate([best_i, ci.astype(jnp.int32) + c * chunk_size], axis=1)
+    # top_k keeps the earlier position among equal scores; earlier chunks come first, so ties go to lower ids.
+    ts, pos = jax.lax.top_k(cand_s, k)
+    return (ts, jnp.take_along_axis(cand_i, pos, axis=1)), None
+
+  init = (jnp.full((n, k), -jnp.inf, jnp.float32), jnp.full((n, k), -1, jnp.int32))
+  (s, i), _ = jax.lax.scan(step, init, (chunks, valid_per_chunk, jnp.arange(chunks.shape[0], dtype=jnp.int32)))
+  return s, jnp.where(jnp.isfinite(s), i, -1)
+
+
+class BruteForceIndex(TokenIndex):
+  """Exact inner-product top-k: chunked JAX matmul + `lax.top_k`, running top-k merged across chunks."""
+
+  backend = "bruteforce"
+
+  def __init__(self, embeddings, *, chunk_size: int = 65536, query_batch: int = 1024,
+               identity: dict[str, Any] | None = None, build_seconds: float = 0.0):
+    embeddings = _check_embeddings(embeddings)
+    super().__init__(embeddings.shape[0], embeddings.shape[1],
+                     {"chunk_size": int(chunk_size), "query_batch": int(query_batch), "build_seconds": build_seconds},
+                     identity)
+    self.embeddings = np.asarray(embeddings)
+    t = self.num_tokens
+    size = min(int(chunk_size), t)
+    n_chunks = -(-t // size)
+    padded = np.zeros((n_chunks * size, self.dim), self.embeddings.dtype)
+    padded[:t] = self.embeddings
+    self._chunks = jnp.asarray(padded.reshape(n_chunks, size, self.dim))
+    self._valid = jnp.asarray(np.clip(t - np.arange(n_chunks) * size, 0, size).astype(np.int32))
+    self._query_batch = int(query_batch)
+
+  def _search(self, q, k):
+    out_s, out_i = [], []
+    for start in range(0, len(q), self._query_batch):
+      part = q[start:start + self._query_batch]
+      rows = len(part)
+      if rows < self._query_batch and len(q) > self._query_batch:  # keep one compiled shape for the tail
+        part = np.concatenate([part, np.zeros((self._query_batch - rows, self.dim), np.float32)])
+      s, i = _bruteforce_topk(jnp.asarray(part), self._chunks, self._valid, k=k)
+      out_s.append(np.asarray(s)[:rows])
+      out_i.append(np.asarray(i)[:rows])
+    if not out_s:
+      return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    return np.concatenate(out_s), np.concatenate(out_i)
+
+  def _save_files(self, directory):
+    np.save(os.path.join(directory, "embeddings.npy"), self.embeddings)
+    return ["embeddings.npy"]
+
+
+class ScannIndex(TokenIndex):
+  """ScaNN tree + asymmetric hashing (+ optional exact reordering); saved with ScaNN's own serialize."""
+
+  backend = "scann"
+
+  def __init__(self, searcher, *, num_tokens: int, dim: int, params: dict[str, Any],
+               identity: dict[str, Any] | None = None):
+    super().__init__(num_tokens, dim, params, identity)
+    self.searcher = searcher
+    self.searcher.set_num_threads(int(self.params.get("search_threads", 1)))
+
+  def _search(self, q, k, leaves_to_search: int | None = None):
+    if len(q) == 0:
+      return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    leaves = leaves_to_search or self.params["num_leaves_to_search"]
+    kwargs: dict[str, Any] = {"final_num_neighbors": k, "leaves_to_search": leaves}
+    if self.params.get("reorder_k"):
+      kwargs["pre_reorder_num_neighbors"] = max(int(self.params["reorder_k"]), k)
+    if int(self.params.get("search_threads", 1)) > 1:
+      ids, scores = self.searcher.search_batched_parallel(q, **kwargs)
+    else:
+      ids, scores = self.searcher.search_batched(q, **kwargs)
+    ids = np.asarray(ids).astype(np.int32)
+    scores = np.asarray(scores, np.float32)
+    if ids.shape[1] < k:  # ScaNN returns fewer columns when the searched leaves hold fewer than k tokens
+      pad = k - ids.shape[1]
+      ids = np.concatenate([ids, np.full((len(q), pad), -1, np.int32)], axis=1)
+      scores = np.concatenate([scores, np.full((len(q), pad), -np.inf, np.float32)], axis=1)
+    # When the searched leaves hold fewer than k tokens ScaNN pads rows with NaN distances (and arbitrary ids).
+    missing = (ids < 0) | ~np.isfinite(scores)
+    scores[missing] = -np.inf
+    ids[missing] = -1
+    return scores, ids
+
+  def search_with(self, q, k: int, *, leaves_to_search: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like `search`, with a different number of leaves searched (for recall / latency sweeps)."""
+    q, k = self._check_query(q, k)
+    kk = min(k, self.num_tokens)
+    s, i = self._search(q, kk, leaves_to_search)
+    if kk < k:
+      s = np.concatenate([s, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
+      i = np.concatenate([i, np.full((len(q), k - kk), -1, np.int32)], axis=1)
+    return s, i
+
+  def _save_files(self, directory):
+    scann_dir = os.path.join(directory, "scann")
+    os.makedirs(scann_dir, exist_ok=True)
+    self.searcher.serialize(scann_dir, relative_path=True)
+    return [os.path.join("scann", n) for n in sorted(os.listdir(scann_dir))]
+
+
+def _build_scann(embeddings: np.ndarray, *, num_neighbors: int, num_leaves: int, num_leaves_to_search: int,
+                 training_sample_size: int, dimensions_per_block: int, anisotropic_quantization_threshold: float,
+                 hash_type: str, reorder_k: int, spherical: bool, training_threads: int):
+  import scann  # pylint: disable=g-import-not-at-top
+  t = embeddings.shape[0]
+  db = np.ascontiguousarray(embeddings, dtype=np.float32)
+  builder = scann.scann_ops_pybind.builder(db, num_neighbors, "dot_product").tree(
+      num_leaves=min(num_leaves, t), num_leaves_to_search=min(num_leaves_to_search, min(num_leaves, t)),
+      training_sample_size=min(training_sample_size, t), spherical=spherical).score_ah(
+          dimensions_per_block, anisotropic_quantization_threshold=anisotropic_quantization_threshold,
+          hash_type=hash_type)
+  if reorder_k:
+    builder = builder.reorder(reorder_k)
+  if training_threads:
+    builder = builder.set_n_training_threads(training_threads)
+  return builder.build()
+
+
+@gin.configurable("xtr_build_index", denylist=["embeddings", "identity"])
+def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] | None = None,
+                num_neighbors: int = 1000, num_leaves: int = 2000, num_leaves_to_search: int = 100,
+                training_sample_size: int = 250000, dimensions_per_block: int = 1,
+                anisotropic_quantization_threshold: float = 0.1, hash_type: str = "lut16", reorder_k: int = 0,
+                spherical: bool = False, training_threads: int = 0, search_threads: int = 1,
+                chunk_size: int = 65536, query_batch: int = 1024) -> TokenIndex:
+  """Builds a token index over `embeddings` float16/float32 [T, D] (row t = global token id t).
+
+  ScaNN keywords (num_leaves .. spherical) follow `scann_builder`; num_leaves, num_leaves_to_search and
+  training_sample_size are clamped to T as the XTR notebook does. `reorder_k` > 0 adds exact float reordering of
+  that many AH candidates. `search_threads` > 1 uses ScaNN's parallel batched search. Brute force keywords:
+  chunk_size (tokens per matmul) and query_batch (query vectors per call). `identity` (model / vocab / dim facts)
+  is stored in the manifest for compatibility checks at load time.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  embeddings = _check_embeddings(embeddings)
+  start = time.perf_counter()
+  if backend == "bruteforce":
+    idx = BruteForceIndex(embeddings, chunk_size=chunk_size, query_batch=query_batch, identity=identity)
+  else:
+    params = {"num_neighbors": int(num_neighbors), "num_leaves": int(num_leaves),
+              "num_leaves_to_search": int(num_leaves_to_search), "training_sample_size": int(training_sample_size),
+              "dimensions_per_block": int(dimensions_per_block),
+              "anisotropic_quantization_threshold": float(anisotropic_quantization_threshold),
+              "hash_type": str(hash_type), "reorder_k": int(reorder_k), "spherical": bool(spherical),
+              "training_threads": int(training_threads)}
+    searcher = _build_scann(embeddings, **params)
+    t = embeddings.shape[0]
+    params.update(num_leaves=min(params["num_leaves"], t), training_sample_size=min(params["training_sample_size"], t),
+                  search_threads=int(search_threads))
+    params["num_leaves_to_search"] = min(params["num_leaves_to_search"], params["num_leaves"])
+    idx = ScannIndex(searcher, num_tokens=t, dim=embeddings.shape[1], params=params, identity=identity)
+  idx.build_seconds = time.perf_counter() - start
+  return idx
+
+
+def load_index(directory: str, *, expect_identity: dict[str, Any] | None = None,
+               search_threads: int | None = None) -> TokenIndex:
+  """Reads an index written by `TokenIndex.save`; verifies every file's sha256 and (optionally) the identity.
+
+  expect_identity: if given, every key in it must equal the stored identity's value (model, vocab, dimension...).
+  """
+  path = os.path.join(directory, INDEX_MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: {directory!r} is not a saved token index")
+  with open(path, encoding="utf-8") as f:
+    try:
+      manifest = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+  for field in ("format_version", "backend", "num_tokens", "dim", "params", "files"):
+    if field not in manifest:
+      raise ValueError(f"{path}: missing field {field!r}")
+  if manifest["format_version"] != FORMAT_VERSION:
+    raise ValueError(f"{path}: format_version expected {FORMAT_VERSION}, got {manifest['format_version']}")
+  for name, digest in manifest["files"].items():
+    fpath = os.path.join(directory, name)
+    if not os.path.isfile(fpath):
+      raise ValueError(f"{fpath}: listed in {path} but missing")
+    got = _sha256(fpath)
+    if got != digest:
+      raise ValueError(f"{fpath}: sha256 mismatch (manifest {digest[:16]}..., file {got[:16]}...): corrupted index")
+  identity = manifest.get("identity") or {}
+  if expect_identity:
+    for key, want in expect_identity.items():
+      if key not in identity:
+        raise ValueError(f"index {directory!r} records no {key!r} (it has {sorted(identity)}), so it cannot be "
+                         f"checked against the model's {key}={want!r}; rebuild it with identity=...")
+      if identity[key] != want:
+        raise ValueError(f"index {directory!r} was built with {key}={identity[key]!r}, but the model has "
+                         f"{key}={want!r}")
+  params = dict(manifest["params"])
+  params["build_seconds"] = manifest.get("build_seconds", 0.0)
+  if manifest["backend"] == "bruteforce":
+    emb = np.load(os.path.join(directory, "embeddings.npy"), allow_pickle=False)
+    if emb.shape != (manifest["num_tokens"], manifest["dim"]):
+      raise ValueError(f"{directory}/embeddings.npy: shape {emb.shape}, manifest says "
+                       f"({manifest['num_tokens']}, {manifest['dim']})")
+    return BruteForceIndex(emb, chunk_size=params["chunk_size"], query_batch=params["query_batch"],
+                           identity=identity, build_seconds=params["build_seconds"])
+  if manifest["backend"] == "scann":
+    import scann  # pylint: disable=g-import-not-at-top
+    scann_dir = os.path.join(directory, "scann")
+    if os.path.exists(os.path.join(scann_dir, "scann_docids.pkl")):
+      raise ValueError(f"{scann_dir}/scann_docids.pkl: refusing to load a pickle (this project never writes docids)")
+    if search_threads is not None:
+      params["search_threads"] = int(search_threads)
+    searcher = scann.scann_ops_pybind.load_searcher(scann_dir)
+    return ScannIndex(searcher, num_tokens=manifest["num_tokens"], dim=manifest["dim"], params=params,
+                      identity=identity)
+  raise ValueError(f"{path}: backend expected one of {BACKENDS}, got {manifest['backend']!r}")
