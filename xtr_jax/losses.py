@@ -1,0 +1,473 @@
+"""The XTR training objective (in-batch top-k_train token retrieval) and the ColBERT baseline loss.
+
+For query b, valid query token i and the in-batch documents c (positives and hard negatives of the whole global
+batch), with token similarities s[b,i,c,j] = q[b,i] . p[c,j]:
+
+  * XTR: token i retrieves the top-k_train similarities over ALL valid tokens of ALL documents (padding is never
+    retrieved; with fewer than k_train valid tokens all of them are). Document c gets, from token i, the maximum of its
+    retrieved similarities; Z[b,c] counts the query tokens that retrieved at least one token of c, and
+    score[b,c] = (sum of contributions) / Z[b,c], exactly 0 when Z = 0. The retrieval (alignment) is a stop-gradient
+    mask: gradients reach the retrieved maxima only.
+  * ColBERT: score[b,c] = mean over valid i of the max over valid j of s[b,i,c,j].
+
+The loss is the mean over queries of the softmax cross-entropy of score[b,:] / temperature at labels[b].
+
+Two implementations of the XTR scores give the same numbers:
+  * "simple": documents replicated, dense top-k over the [B, n, Bd*m] similarity matrix.
+  * "sharded": `jax.shard_map` over the data-parallel mesh axes. Queries (small: B x n x d) are all-gathered and
+    documents stay sharded, so each device computes [B, n, Bd*m / D] similarities and its local top-k_train per query
+    token; the D x k_train candidates of each query token are exchanged with one all-to-all (each device receives
+    the candidates of its own queries) and merged into the exact global k_train-th candidate (score, global token
+    index), which is all-gathered back as a per-query-token threshold. A token is retrieved iff it ranks before or
+    at the threshold in the (score desc, global index asc) order, which is exactly `lax.top_k`'s tie-breaking, so
+    both paths retrieve the same tokens even for equal scores. No device materialises the full score matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+
+from xtr_jax import partitioning
+
+IMPLEMENTATIONS = ("simple", "sharded")
+
+_NEG_INF = -jnp.inf
+
+
+# --------------------------------------------------------------------------------------------------------- checks
+
+
+def _check_k_train(k_train: Any) -> int:
+  if isinstance(k_train, bool) or not isinstance(k_train, (int, np.integer)):
+    raise ValueError(f"k_train must be a positive Python int, got {k_train!r} ({type(k_train).__name__})")
+  if k_train <= 0:
+    raise ValueError(f"k_train must be >= 1, got {k_train}")
+  return int(k_train)
+
+
+def _check_embeddings(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array) -> None:
+  if q.ndim != 3:
+    raise ValueError(f"query embeddings must be [B, n, d], got shape {q.shape}")
+  if p.ndim != 3:
+    raise ValueError(f"document embeddings must be [Bd, m, d], got shape {p.shape}")
+  if q_mask.shape != q.shape[:2]:
+    raise ValueError(f"query mask must be [B, n] = {q.shape[:2]}, got shape {q_mask.shape}")
+  if d_mask.shape != p.shape[:2]:
+    raise ValueError(f"document mask must be [Bd, m] = {p.shape[:2]}, got shape {d_mask.shape}")
+  if q.shape[-1] != p.shape[-1]:
+    raise ValueError(f"query and document embedding sizes differ: q {q.shape} vs p {p.shape}")
+
+
+def _check_similarities(s: jax.Array, q_mask: jax.Array, d_mask: jax.Array) -> None:
+  if s.ndim != 4:
+    raise ValueError(f"similarities must be [B, n, Bd, m], got shape {s.shape}")
+  if q_mask.shape != s.shape[:2] or d_mask.shape != s.shape[2:]:
+    raise ValueError(f"masks must be [B, n] = {s.shape[:2]} and [Bd, m] = {s.shape[2:]}, "
+                     f"got {q_mask.shape} and {d_mask.shape}")
+
+
+def _check_labels_static(labels: Any, num_queries: int, num_docs: int) -> None:
+  if labels.ndim != 1 or labels.shape[0] != num_queries:
+    raise ValueError(f"labels must be [B] = [{num_queries}], got shape {labels.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers (index of the positive among the {num_docs} documents), "
+                     f"got dtype {labels.dtype}")
+  if isinstance(labels, jax.core.Tracer):
+    return  # checked at run time in checked mode; an out-of-range label makes the loss NaN otherwise
+  values = np.asarray(labels)
+  bad = np.flatnonzero((values < 0) | (values >= num_docs))
+  if bad.size:
+    raise ValueError(f"labels out of range [0, {num_docs}): labels[{int(bad[0])}] = {int(values[bad[0]])} "
+                     f"({bad.size} bad of {values.size})")
+
+
+def _raise_if(bad_embeddings: np.ndarray, bad_labels: np.ndarray, num_docs: int) -> None:
+  # Runs on the host inside a debug callback; the exception surfaces from the jitted call as a JaxRuntimeError
+  # carrying this message.
+  if int(bad_embeddings):
+    raise FloatingPointError(f"xtr_jax.losses: {int(bad_embeddings)} non-finite (NaN/Inf) values in the query or "
+                             "document embeddings")
+  if int(bad_labels):
+    raise ValueError(f"xtr_jax.losses: {int(bad_labels)} labels out of range [0, {num_docs})")
+
+
+def _nonfinite_count(*arrays: jax.Array) -> jax.Array:
+  return sum(jnp.sum(~jnp.isfinite(a)).astype(jnp.int32) for a in arrays)
+
+
+# --------------------------------------------------------------------------------------------------- mesh helpers
+
+
+def _resolve_mesh(mesh: Mesh | AbstractMesh | None) -> Mesh | AbstractMesh:
+  if mesh is not None:
+    return mesh
+  ambient = jax.sharding.get_abstract_mesh()
+  if ambient.empty:
+    raise ValueError("implementation='sharded' needs a mesh: pass mesh=... or run under `with jax.set_mesh(mesh):`")
+  return ambient
+
+
+def _batch_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+  axes = tuple(a for a in partitioning.BATCH_AXES if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f"mesh axes {mesh.axis_names} contain none of the data-parallel axes {partitioning.BATCH_AXES}")
+  return axes
+
+
+def _mesh_size(mesh: Mesh | AbstractMesh, axes: Sequence[str]) -> int:
+  return math.prod(dict(mesh.shape)[a] for a in axes)
+
+
+# ---------------------------------------------------------------------------------------------- shared primitives
+
+
+def _acc_dtype(*arrays: jax.Array) -> Any:
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def token_similarities(q: jax.Array, p: jax.Array) -> jax.Array:
+  """s[b,i,c,j] = q[b,i] . p[c,j].
+
+  Args:
+    q: float [B, n, d] query token embeddings.
+    p: float [Bd, m, d] document token embeddings.
+
+  Returns:
+    float32 [B, n, Bd, m] (float64 for float64 inputs).
+  """
+  return jnp.einsum("bnd,cmd->bncm", q, p, preferred_element_type=_acc_dtype(q, p))
+
+
+def _canonical(s: jax.Array) -> jax.Array:
+  # -0.0 and +0.0 compare equal in IEEE order but may be ordered differently by a total-order sort; selection runs
+  # on a copy where they are the same value so that top_k order and the `==` threshold test agree.
+  return jnp.where(s == 0, jnp.zeros_like(s), s)
+
+
+def _aggregate(s: jax.Array, selected: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Selected-only max per (query token, document), summed over query tokens and normalised by Z.
+
+  Args:
+    s: float32 [B, n, C, m] similarities (gradients flow through these).
+    selected: bool [B, n, C, m] retrieved tokens (already False for padding and invalid query tokens).
+
+  Returns:
+    (scores float32 [B, C], z int32 [B, C]).
+  """
+  hit = jnp.any(selected, axis=-1)  # [B, n, C]
+  best = jnp.max(jnp.where(selected, s, _NEG_INF), axis=-1)
+  contribution = jnp.where(hit, best, 0.0)
+  z = jnp.sum(hit, axis=1, dtype=jnp.int32)
+  total = jnp.sum(contribution, axis=1)
+  scores = jnp.where(z > 0, total / jnp.maximum(z, 1).astype(total.dtype), 0.0)
+  return scores, z
+
+
+def _select_dense(s: jax.Array, q_mask: jax.Array, d_mask: jax.Array, k_train: int) -> jax.Array:
+  """bool [B, n, Bd, m]: the top-k_train valid tokens per query token, by a dense `lax.top_k` over Bd*m."""
+  b, n, c, m = s.shape
+  ranked = jnp.where(d_mask[None, None], _canonical(lax.stop_gradient(s)), _NEG_INF).reshape(b, n, c * m)
+  _, idx = lax.top_k(ranked, min(k_train, c * m))
+  rows = jnp.arange(b)[:, None, None]
+  cols = jnp.arange(n)[None, :, None]
+  selected = jnp.zeros((b, n, c * m), bool).at[rows, cols, idx].set(True).reshape(b, n, c, m)
+  # top_k fills up with padding (-inf) entries when fewer than k_train tokens are valid: drop them.
+  return selected & d_mask[None, None] & q_mask[:, :, None, None]
+
+
+def xtr_scores_from_similarities(s: jax.Array, q_mask: jax.Array, d_mask: jax.Array, k_train: int,
+                                 *, return_z: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """XTR scores from precomputed similarities (dense top-k; the reference path used by `implementation="simple"`).
+
+  Args:
+    s: float [B, n, Bd, m] token similarities.
+    q_mask: bool [B, n] valid query tokens.
+    d_mask: bool [Bd, m] valid document tokens.
+    k_train: tokens retrieved per query token from the whole batch (>= 1).
+    return_z: also return Z.
+
+  Returns:
+    float32 [B, Bd] scores (and int32 [B, Bd] Z when return_z).
+  """
+  k_train = _check_k_train(k_train)
+  _check_similarities(s, q_mask, d_mask)
+  s = s.astype(_acc_dtype(s))
+  q_mask = q_mask.astype(bool)
+  d_mask = d_mask.astype(bool)
+  scores, z = _aggregate(s, _select_dense(s, q_mask, d_mask, k_train))
+  return (scores, z) if return_z else scores
+
+
+def colbert_scores_from_similarities(s: jax.Array, q_mask: jax.Array, d_mask: jax.Array) -> jax.Array:
+  """ColBERT scores: mean over valid query tokens of the max over valid document tokens.
+
+  Args:
+    s: float [B, n, Bd, m] token similarities.
+    q_mask: bool [B, n]; d_mask: bool [Bd, m].
+
+  Returns:
+    float32 [B, Bd]; 0 for a query without valid tokens or a document without valid tokens.
+  """
+  _check_similarities(s, q_mask, d_mask)
+  q_mask = q_mask.astype(bool)
+  d_mask = d_mask.astype(bool)
+  selected = jnp.broadcast_to(d_mask[None, None] & q_mask[:, :, None, None], s.shape)
+  scores, _ = _aggregate(s.astype(_acc_dtype(s)), selected)
+  return scores
+
+
+# ---------------------------------------------------------------------------------------------------- sharded path
+
+
+def _sharded_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, k_train: int,
+                    mesh: Mesh | AbstractMesh) -> tuple[jax.Array, jax.Array]:
+  axes = _batch_axes(mesh)
+  num_shards = _mesh_size(mesh, axes)
+  num_q, n, _ = q.shape
+  num_d, m, _ = p.shape
+  for what, size in (("queries B", num_q), ("documents Bd", num_d)):
+    if size % num_shards:
+      raise ValueError(f"{what} = {size} is not divisible by the data-parallel size {num_shards} "
+                       f"(mesh axes {axes} of {dict(mesh.shape)})")
+  local_tokens = (num_d // num_shards) * m
+  k_local = min(k_train, local_tokens)
+  k_global = min(k_train, num_d * m)
+
+  def body(q_l, q_mask_l, p_l, d_mask_l):
+    # Every device scores ALL queries against ITS documents: [B, n, Bd/D, m].
+    q_all = lax.all_gather(q_l, axes, axis=0, tiled=True)
+    q_mask_all = lax.all_gather(q_mask_l, axes, axis=0, tiled=True)
+    s = token_similarities(q_all, p_l)
+    ranked = jnp.where(d_mask_l[None, None], _canonical(lax.stop_gradient(s)), _NEG_INF)
+    ranked = ranked.reshape(num_q, n, local_tokens)
+    offset = lax.axis_index(axes) * local_tokens
+    values, idx = lax.top_k(ranked, k_local)
+    idx = idx + offset
+    # Candidates of query block r go to device r; received blocks are concatenated in shard (= global index) order,
+    # so positions in the merged list are ordered like global token indices among equal scores.
+    values = lax.all_to_all(values, axes, split_axis=0, concat_axis=2, tiled=True)  # [B/D, n, D*k_local]
+    idx = lax.all_to_all(idx, axes, split_axis=0, concat_axis=2, tiled=True)
+    merged, pos = lax.top_k(values, k_global)
+    thr_value = merged[..., -1]
+    thr_index = jnp.take_along_axis(idx, pos[..., -1:], axis=-1)[..., 0]
+    thr_value = lax.all_gather(thr_value, axes, axis=0, tiled=True)  # [B, n]
+    thr_index = lax.all_gather(thr_index, axes, axis=0, tiled=True)
+    gidx = (offset + jnp.arange(local_tokens, dtype=idx.dtype)).reshape(1, 1, -1)
+    tv = thr_value[:, :, None]
+    ti = thr_index[:, :, None]
+    selected = (ranked > tv) | ((ranked == tv) & (gidx <= ti))
+    selected = selected.reshape(s.shape) & d_mask_l[None, None] & q_mask_all[:, :, None, None]
+    return _aggregate(s, selected)
+
+  spec_batch3 = P(axes, None, None)
+  spec_batch2 = P(axes, None)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(spec_batch3, spec_batch2, spec_batch3, spec_batch2),
+                     out_specs=(P(None, axes), P(None, axes)))
+  return fn(q, q_mask, p, d_mask)
+
+
+# ------------------------------------------------------------------------------------------------------ public API
+
+
+def _xtr_scores_and_z(q, q_mask, p, d_mask, k_train, implementation, mesh):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  k_train = _check_k_train(k_train)
+  _check_embeddings(q, q_mask, p, d_mask)
+  q_mask = q_mask.astype(bool)
+  d_mask = d_mask.astype(bool)
+  if implementation == "sharded":
+    return _sharded_scores(q, q_mask, p, d_mask, k_train, _resolve_mesh(mesh))
+  p, d_mask = _replicate(p, d_mask, mesh)
+  s = token_similarities(q, p)
+  return _aggregate(s, _select_dense(s, q_mask, d_mask, k_train))
+
+
+def _replicate(p: jax.Array, d_mask: jax.Array, mesh: Mesh | AbstractMesh | None):
+  """The simple path keeps every document on every device."""
+  if mesh is None:
+    if jax.sharding.get_abstract_mesh().empty:
+      return p, d_mask
+    sharding = P()
+  else:
+    sharding = NamedSharding(mesh, P())
+  return lax.with_sharding_constraint(p, sharding), lax.with_sharding_constraint(d_mask, sharding)
+
+
+def xtr_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, k_train: int, *,
+               implementation: str = "simple", mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+  """In-batch XTR scores of every query against every document of the (global) batch.
+
+  Args:
+    q: float [B, n, d] query token embeddings (any float dtype; similarities are accumulated in float32).
+    q_mask: bool [B, n] valid query tokens.
+    p: float [Bd, m, d] document token embeddings of all in-batch documents.
+    d_mask: bool [Bd, m] valid document tokens.
+    k_train: tokens retrieved per query token from all Bd*m document tokens (Python int >= 1).
+    implementation: "simple" (documents replicated, dense top-k) or "sharded" (shard_map over the data axes; B and
+      Bd must be divisible by the data-parallel size).
+    mesh: the mesh; None = the ambient mesh (`jax.set_mesh`), which "sharded" requires and "simple" uses to keep
+      documents replicated when present.
+
+  Returns:
+    float32 [B, Bd].
+
+  Raises:
+    ValueError: k_train <= 0, bad shapes, unknown implementation, indivisible batch for "sharded".
+  """
+  scores, _ = _xtr_scores_and_z(q, q_mask, p, d_mask, k_train, implementation, mesh)
+  return scores
+
+
+def colbert_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array) -> jax.Array:
+  """In-batch ColBERT (sum-of-max, averaged over valid query tokens) scores.
+
+  Args:
+    q: float [B, n, d]; q_mask: bool [B, n]; p: float [Bd, m, d]; d_mask: bool [Bd, m].
+
+  Returns:
+    float32 [B, Bd].
+  """
+  _check_embeddings(q, q_mask, p, d_mask)
+  return colbert_scores_from_similarities(token_similarities(q, p), q_mask, d_mask)
+
+
+def softmax_cross_entropy(scores: jax.Array, labels: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Mean over queries of -log softmax(scores[b] / temperature)[labels[b]].
+
+  Args:
+    scores: float32 [B, Bd]; labels: int [B] in [0, Bd).
+
+  Returns:
+    float32 scalar; NaN if a label is out of range (only detectable at run time under jit).
+  """
+  logp = jax.nn.log_softmax(scores / temperature, axis=-1)
+  picked = jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1, mode="fill",
+                               fill_value=jnp.nan)[:, 0]
+  return -jnp.mean(picked)
+
+
+def _loss_and_metrics(scores: jax.Array, z: jax.Array, labels: jax.Array, temperature: float,
+                      nonfinite: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  num_docs = scores.shape[1]
+  labels = labels.astype(jnp.int32)
+  loss = softmax_cross_entropy(scores, labels, temperature)
+  in_range = (labels >= 0) & (labels < num_docs)
+  safe = jnp.clip(labels, 0, num_docs - 1)[:, None]
+  is_pos = jnp.arange(num_docs)[None, :] == safe
+  z = z.astype(jnp.float32)
+  pos_score = jnp.take_along_axis(scores, safe, axis=1)[:, 0]
+  neg_count = jnp.maximum(num_docs - 1, 1)
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean((jnp.argmax(scores, axis=1) == labels).astype(jnp.float32)),
+      "mean_z": jnp.mean(z),
+      "mean_z_positive": jnp.mean(jnp.take_along_axis(z, safe, axis=1)[:, 0]),
+      "zero_z_fraction": jnp.mean((z == 0).astype(jnp.float32)),
+      "mean_positive_score": jnp.mean(pos_score),
+      "mean_negative_score": jnp.mean(jnp.sum(jnp.where(is_pos, 0.0, scores), axis=1) / neg_count),
+      "nonfinite_embeddings": nonfinite,
+      "labels_out_of_range": jnp.sum(~in_range).astype(jnp.int32),
+  }
+  return loss, metrics
+
+
+def _prepare_loss(q, q_mask, p, d_mask, labels, temperature, checked, mesh):
+  _check_embeddings(q, q_mask, p, d_mask)
+  labels = jnp.asarray(labels) if not isinstance(labels, (jax.Array, np.ndarray)) else labels
+  _check_labels_static(labels, q.shape[0], p.shape[0])
+  if not (isinstance(temperature, (int, float)) and temperature > 0):
+    raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+  nonfinite = _nonfinite_count(q, p)
+  if checked:
+    num_docs = p.shape[0]
+    bad_labels = jnp.sum((labels < 0) | (labels >= num_docs)).astype(jnp.int32)
+    _raise_on_every_device(nonfinite, bad_labels, num_docs, mesh)
+  return labels, nonfinite
+
+
+def _raise_on_every_device(nonfinite: jax.Array, bad_labels: jax.Array, num_docs: int,
+                           mesh: Mesh | AbstractMesh | None) -> None:
+  """Checked mode: raise on the host when the (global) counts are non-zero.
+
+  In a multi-device program a callback that fails on one device only leaves the others waiting forever in the next
+  collective (XLA then aborts the process). So under a mesh the callback runs inside a shard_map on EVERY device,
+  with the same replicated counts, and all devices stop together.
+  """
+  check = lambda a, b: _raise_if(a, b, num_docs)
+  if mesh is None:
+    ambient = jax.sharding.get_abstract_mesh()
+    mesh = None if ambient.empty else ambient
+  if mesh is None or math.prod(dict(mesh.shape).values()) == 1:
+    jax.debug.callback(check, nonfinite, bad_labels)
+    return
+
+  def body(a, b):
+    jax.debug.callback(check, a, b)
+    return a
+
+  jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P())(nonfinite, bad_labels)
+
+
+@gin.configurable
+def xtr_loss(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, labels: jax.Array, *,
+             k_train: int = gin.REQUIRED, temperature: float = 1.0, implementation: str = "simple",
+             mesh: Mesh | AbstractMesh | None = None, checked: bool = False
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """XTR in-batch token-retrieval loss.
+
+  Args:
+    q: float [B, n, d] query token embeddings; q_mask: bool [B, n].
+    p: float [Bd, m, d] in-batch document token embeddings; d_mask: bool [Bd, m].
+    labels: int32 [B], index of query b's positive among the Bd documents.
+    k_train: tokens retrieved per query token from the whole batch (gin-required).
+    temperature: softmax temperature (the paper uses 1).
+    implementation: "simple" | "sharded" (see `xtr_scores`).
+    mesh: None = the ambient mesh.
+    checked: raise at run time (also under jit) on NaN/Inf embeddings or out-of-range labels.
+
+  Returns:
+    (loss float32 scalar, metrics dict of float32/int32 scalars: loss, accuracy (argmax == label), mean_z,
+    mean_z_positive, zero_z_fraction, mean_positive_score, mean_negative_score, nonfinite_embeddings,
+    labels_out_of_range).
+
+  Raises:
+    ValueError: k_train <= 0, bad shapes, labels out of range (when concrete), temperature <= 0.
+  """
+  if k_train is gin.REQUIRED:
+    raise ValueError("xtr_loss needs k_train (e.g. gin binding `xtr_loss.k_train = 320`)")
+  k_train = _check_k_train(k_train)
+  labels, nonfinite = _prepare_loss(q, q_mask, p, d_mask, labels, temperature, checked, mesh)
+  scores, z = _xtr_scores_and_z(q, q_mask, p, d_mask, k_train, implementation, mesh)
+  return _loss_and_metrics(scores, z, labels, temperature, nonfinite)
+
+
+@gin.configurable
+def colbert_loss(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, labels: jax.Array, *,
+                 temperature: float = 1.0, mesh: Mesh | AbstractMesh | None = None, checked: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ColBERT in-batch softmax loss (the baseline); arguments and metrics as in `xtr_loss` (Z = valid query tokens).
+
+  Args:
+    q: float [B, n, d]; q_mask: bool [B, n]; p: float [Bd, m, d]; d_mask: bool [Bd, m]; labels: int32 [B].
+    temperature: softmax temperature.
+    mesh: only used by checked mode (the run-time check then runs on every device of the mesh); None = ambient.
+    checked: raise at run time on NaN/Inf embeddings or out-of-range labels.
+
+  Returns:
+    (loss float32 scalar, metrics dict of scalars).
+  """
+  labels, nonfinite = _prepare_loss(q, q_mask, p, d_mask, labels, temperature, checked, mesh)
+  scores = colbert_scores(q, q_mask, p, d_mask)
+  valid_docs = jnp.any(d_mask.astype(bool), axis=1)
+  z = jnp.sum(q_mask.astype(jnp.int32), axis=1)[:, None] * valid_docs[None, :].astype(jnp.int32)
+  return _loss_and_metrics(scores, z, labels, temperature, nonfinite)
