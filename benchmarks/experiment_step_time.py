@@ -1,0 +1,68 @@
+"""Step time of a training experiment on this machine, and what it implies for the whole run.
+
+    python benchmarks/experiment_step_time.py [--gin_file experiments/xtr_minilm_cpu.gin] [--steps 3] \
+        [--gin.NAME=VALUE ...]
+
+Builds the experiment's model, input pipeline (real batches of its training mixture) and optimizer from gin, runs the
+real `Trainer.train_step` once to compile, then `--steps` more steps one by one (blocking on the result). CPU time is
+`time.process_time()` (all threads of the process), so it stays meaningful on a machine shared with other jobs, where
+wall time does not. The estimate for TRAIN_STEPS steps is given for an idle machine with all its cores busy (CPU time /
+cores) and with one core (CPU time): the bounds of the wall time of `python -m xtr_jax.train` without setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--gin_file", default="experiments/xtr_minilm_cpu.gin")
+  ap.add_argument("--steps", type=int, default=3)
+  args, rest = ap.parse_known_args()
+
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from xtr_jax import gin_utils, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
+  from xtr_jax import train as _train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (configurables)
+  from xtr_jax.data import contamination  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+  bindings = [b.split("=", 1)[1] for b in gin_utils.rewrite_gin_args(rest) if b.startswith("--gin_bindings=")]
+  gin_utils.parse_gin([args.gin_file], ["MODEL_DIR = '/tmp/unused_step_time'"] + bindings)
+  total_steps = int(gin.query_parameter("%TRAIN_STEPS"))
+  model = gin.get_configurable("XTRModel")()
+  data = gin.get_configurable("TrainInput")()
+  tx, schedule = optimizers.xtr_optimizer()
+  tr = trainer.Trainer(model=model, partitioner=partitioning.Partitioner(), optimizer=tx, schedule=schedule)
+  state = tr.init_state(jax.random.PRNGKey(0))
+  rng = jax.random.PRNGKey(1)
+  batches = [tr.global_batch(b) for b, _ in zip(data, range(args.steps + 1))]
+
+  rows = []
+  for i, batch in enumerate(batches):
+    w0, c0 = time.perf_counter(), time.process_time()
+    state, metrics = tr.train_step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    rows.append((time.perf_counter() - w0, time.process_time() - c0))
+    print(f"step {i + 1}{' (compiles)' if i == 0 else ''}: wall {rows[-1][0]:.1f} s, cpu {rows[-1][1]:.1f} s",
+          file=sys.stderr, flush=True)
+  cores = os.cpu_count() or 1
+  wall = statistics.median(r[0] for r in rows[1:])
+  cpu = statistics.median(r[1] for r in rows[1:])
+  shape = {k: tuple(v.shape) for k, v in batches[0].items()}
+  print(f"\n{args.gin_file}: batch {shape}; {jax.device_count()} {jax.default_backend()} devices, {cores} cores "
+        f"(machine possibly shared: compare CPU, not wall)")
+  print(f"{'':<28}{'wall s':>10}{'cpu s':>10}")
+  print(f"{'first step (compile)':<28}{rows[0][0]:>10.1f}{rows[0][1]:>10.1f}")
+  print(f"{f'median of {len(rows) - 1} steps':<28}{wall:>10.1f}{cpu:>10.1f}")
+  print(f"estimate for {total_steps} steps on an idle machine: {total_steps * cpu / cores / 60:.0f} min "
+        f"({cores} cores busy) to {total_steps * cpu / 60:.0f} min (one core), plus setup")
+
+
+if __name__ == "__main__":
+  main()
