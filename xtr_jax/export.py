@@ -22,7 +22,6 @@ Process 0 writes the manifest once every shard is present.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,20 +34,13 @@ import gin
 import jax
 import numpy as np
 
-from xtr_jax import tokenization
+from xtr_jax import checksums, tokenization
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_SUBDIR = "token_index"
 _SHARD_FILES = ("embeddings.npy", "token_doc.npy", "token_ids.npy", "doc_lengths.npy", "doc_ids.json")
 
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def shard_name(i: int) -> str:
@@ -81,7 +73,7 @@ def _verify_files(directory: str, files: dict[str, str], where: str) -> None:
     path = os.path.join(directory, fname)
     if not os.path.isfile(path):
       raise ValueError(f"{path}: listed in {where} but missing")
-    got = _sha256(path)
+    got = checksums.file_sha256(path)
     if got != digest:
       raise ValueError(f"{path}: sha256 {got[:16]}... does not match {where} ({digest[:16]}...): the shard is "
                        "corrupted or truncated; delete it (and its .json) and re-run the export to re-encode it")
@@ -117,10 +109,10 @@ def write_shard(directory: str, index: int, *, doc_start: int, doc_ids: list[str
   for suffix, arr in arrays.items():
     fname = f"{name}.{suffix}"
     _write_atomic(os.path.join(directory, fname), lambda f, a=arr: np.save(f, a, allow_pickle=False))
-    files[fname] = _sha256(os.path.join(directory, fname))
+    files[fname] = checksums.file_sha256(os.path.join(directory, fname))
   fname = f"{name}.doc_ids.json"
   _write_json(os.path.join(directory, fname), list(doc_ids))
-  files[fname] = _sha256(os.path.join(directory, fname))
+  files[fname] = checksums.file_sha256(os.path.join(directory, fname))
   meta = {"format_version": FORMAT_VERSION, "index": index, "doc_start": doc_start, "num_docs": n, "num_tokens": t,
           "dim": int(embeddings.shape[1]), "dtype": str(embeddings.dtype), "identity": identity, "files": files}
   _write_json(os.path.join(directory, f"{name}.json"), meta)
@@ -171,7 +163,7 @@ def _encode_shard(encoder, texts: list[str], batch_size: int, dtype: np.dtype, p
     for j, r in enumerate(rows):
       per_doc[r] = emb[j, :lengths[r]].astype(dtype)
     progress(len(rows), int(lengths[rows].sum()))
-  dim = encoder.model.token_dim
+  dim = encoder.model.output_dim
   embeddings = np.concatenate(per_doc) if per_doc else np.zeros((0, dim), dtype)
   token_ids = np.concatenate([ids[r, :lengths[r]] for r in range(len(texts))]).astype(np.int32)
   return embeddings.reshape(-1, dim), token_ids, lengths

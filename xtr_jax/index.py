@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import functools
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xtr_jax import checksums
 
 INDEX_MANIFEST = "token_index.json"
 FORMAT_VERSION = 1
@@ -89,7 +90,7 @@ class TokenIndex(abc.ABC):
     os.makedirs(directory, exist_ok=True)
     files = self._save_files(directory)
     manifest = self._manifest()
-    manifest["files"] = {name: _sha256(os.path.join(directory, name)) for name in files}
+    manifest["files"] = {name: checksums.file_sha256(os.path.join(directory, name)) for name in files}
     tmp = os.path.join(directory, INDEX_MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
@@ -104,13 +105,6 @@ class TokenIndex(abc.ABC):
     with open(os.path.join(directory, INDEX_MANIFEST), encoding="utf-8") as f:
       return sum(os.path.getsize(os.path.join(directory, n)) for n in json.load(f)["files"])
 
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -307,7 +301,7 @@ def load_index(directory: str, *, expect_identity: dict[str, Any] | None = None,
     fpath = os.path.join(directory, name)
     if not os.path.isfile(fpath):
       raise ValueError(f"{fpath}: listed in {path} but missing")
-    got = _sha256(fpath)
+    got = checksums.file_sha256(fpath)
     if got != digest:
       raise ValueError(f"{fpath}: sha256 mismatch (manifest {digest[:16]}..., file {got[:16]}...): corrupted index")
   identity = manifest.get("identity") or {}

@@ -9,12 +9,13 @@ the [SEP] is kept), as the Hugging Face tokenizers do with `truncation=True`.
 from __future__ import annotations
 
 import abc
-import hashlib
 import os
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from xtr_jax import checksums
 
 
 def preprocess_query(text: str) -> str:
@@ -26,13 +27,6 @@ def preprocess_document(title: str | None, text: str) -> str:
   title = (title or "").strip()
   return (f"{title} {text}" if title else text).lower()
 
-
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 class Tokenizer(Protocol):
@@ -108,7 +102,8 @@ class SentencePieceTokenizer(_BaseTokenizer):
     return self._sp.IdToPiece(int(token_id))
 
   def identity(self) -> dict[str, str]:
-    return {"type": "sentencepiece", "vocab_size": str(self.vocab_size), "sha256": _file_sha256(self.model_path)}
+    return {"type": "sentencepiece", "vocab_size": str(self.vocab_size),
+            "sha256": checksums.file_sha256(self.model_path)}
 
 
 class WordPieceTokenizer(_BaseTokenizer):
@@ -146,7 +141,7 @@ class WordPieceTokenizer(_BaseTokenizer):
     return self._tok.id_to_token(int(token_id))
 
   def identity(self) -> dict[str, str]:
-    return {"type": "wordpiece", "vocab_size": str(self.vocab_size), "sha256": _file_sha256(self.vocab_path)}
+    return {"type": "wordpiece", "vocab_size": str(self.vocab_size), "sha256": checksums.file_sha256(self.vocab_path)}
 
 
 def load_tokenizer(path: str) -> SentencePieceTokenizer | WordPieceTokenizer:
