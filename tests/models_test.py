@@ -140,6 +140,35 @@ def test_save_load_roundtrip_identity_and_bad_dirs(pretrained, tmp_path):
     models.load_pretrained(str(tmp_path / "nope"))
 
 
+def test_no_head_mode_is_normalized_backbone_states_and_round_trips(bert_vocab, tmp_path):
+  """token_dim=0: no token_proj parameters, output = L2-normalized last hidden states with padding zeroed."""
+  cfg = network.BertEncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64)
+  model = models.XTRModel(encoder_config=cfg, token_dim=0, query_max_len=12, doc_max_len=24, vocab_path=bert_vocab)
+  assert model.output_dim == 32
+  params = models.unbox_params(model.init(jax.random.key(3)))
+  assert set(params) == {"encoder"}
+  pretrained = models.PretrainedXTR(model, params)
+  emb, mask = pretrained.encode_queries(TEXTS, batch_size=8)
+  assert emb.shape == (5, 12, 32)
+  ids, _ = model.tokenize_queries(TEXTS)
+  hidden = np.asarray(network.backbone_module(cfg).apply({"params": params["encoder"]}, ids, mask,
+                                                         deterministic=True), np.float64)
+  norms = np.linalg.norm(hidden, axis=-1, keepdims=True)
+  ref = np.where(mask[..., None], hidden / np.maximum(norms, 1e-12), 0.0)
+  np.testing.assert_allclose(emb, ref, atol=2e-5)
+  np.testing.assert_array_equal(emb[~mask], 0.0)
+  out = pretrained.save(str(tmp_path / "nohead"))
+  with open(os.path.join(out, models.CONFIG_FILE)) as f:
+    assert json.load(f)["token_dim"] == 0
+  loaded = models.load_pretrained(out)
+  assert loaded.model.token_dim == 0 and loaded.model.output_dim == 32
+  assert loaded.identity() == pretrained.identity()
+  np.testing.assert_array_equal(loaded.encode_queries(TEXTS, batch_size=8)[0], emb)
+  with pytest.raises(ValueError, match="token_dim must be >= 0"):
+    models.XTRModel(encoder_config=cfg, token_dim=-1)
+
+
 def test_sharded_encode_4x2_equals_unsharded(pretrained):
   mesh = partitioning.make_mesh(data=4, model=2)
   model = pretrained.model

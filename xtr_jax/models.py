@@ -52,14 +52,18 @@ class XTRModel:
   Attributes:
     encoder_config: `network.T5EncoderConfig` or `network.BertEncoderConfig`.
     module: the Flax `network.XTREncoder`.
-    token_dim, query_max_len, doc_max_len, vocab_path: as given.
+    token_dim, query_max_len, doc_max_len, vocab_path: as given; token_dim=0 means no projection head (the
+      backbone's last hidden states, padding zeroed, L2-normalized).
+    output_dim: the embedding size: token_dim, or d_model without a head.
     loss: callable (q, q_mask, p, d_mask, labels) -> (loss, metrics); defaults to `losses.xtr_loss` (gin-configured).
   """
 
   def __init__(self, *, encoder_config: network.EncoderConfig, token_dim: int = 128, query_max_len: int = 32,
                doc_max_len: int = 512, vocab_path: str | None = None, loss: Callable[..., Any] | None = None):
     network.encoder_kind(encoder_config)  # type check
-    for name, value in (("token_dim", token_dim), ("query_max_len", query_max_len), ("doc_max_len", doc_max_len)):
+    if int(token_dim) < 0:
+      raise ValueError(f"XTRModel.token_dim must be >= 0 (0 = no projection head), got {token_dim}")
+    for name, value in (("query_max_len", query_max_len), ("doc_max_len", doc_max_len)):
       if int(value) < 1:
         raise ValueError(f"XTRModel.{name} must be >= 1, got {value}")
     if isinstance(encoder_config, network.BertEncoderConfig):
@@ -75,6 +79,7 @@ class XTRModel:
     self._loss = loss
     self._tokenizer = None
     self.module = network.XTREncoder(encoder_config, token_dim=self.token_dim)
+    self.output_dim = self.module.output_dim
     # Jitted here so eager callers (tests, notebooks) do not dispatch op by op; nests inside an outer jit.
     self._init_jit = jax.jit(self._init_impl)
     self._encode_jit = jax.jit(self._encode_impl, static_argnames=("deterministic",))
@@ -97,7 +102,7 @@ class XTRModel:
 
   def encode(self, params: Any, token_ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
              dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Token embeddings float32 [N, L, token_dim] of token_ids int32 [N, L], mask bool [N, L].
+    """Token embeddings float32 [N, L, output_dim] of token_ids int32 [N, L], mask bool [N, L].
 
     Padding rows are zero, valid rows unit norm. `params` may be boxed or plain, wrapped in {"params": ..} or not.
     Dropout is applied only when deterministic=False, which needs `dropout_rng`.
@@ -269,7 +274,7 @@ class PretrainedXTR:
 
   def _run(self, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
     n, max_len = ids.shape
-    out = np.zeros((n, max_len, self.model.token_dim), np.float32)
+    out = np.zeros((n, max_len, self.model.output_dim), np.float32)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     step = -(-batch_size // self._row_multiple) * self._row_multiple
@@ -289,12 +294,12 @@ class PretrainedXTR:
     return out
 
   def encode_queries(self, texts: Sequence[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(np.float32 [N, query_max_len, token_dim], np.bool_ [N, query_max_len]) of raw query strings."""
+    """(np.float32 [N, query_max_len, output_dim], np.bool_ [N, query_max_len]) of raw query strings."""
     ids, mask = self.model.tokenize_queries(texts)
     return self._run(ids, mask, batch_size), mask
 
   def encode_documents(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(np.float32 [N, doc_max_len, token_dim], np.bool_ [N, doc_max_len]) of "title text" strings."""
+    """(np.float32 [N, doc_max_len, output_dim], np.bool_ [N, doc_max_len]) of "title text" strings."""
     ids, mask = self.model.tokenize_documents(texts)
     return self._run(ids, mask, batch_size), mask
 
@@ -396,8 +401,9 @@ def load_pretrained(path: str, *, query_max_len: int | None = None, doc_max_len:
     * a Hugging Face XTR dir (google/xtr-base-en layout: T5 `config.json` + weights + `spiece.model` + `2_Dense/`),
     * a plain HF T5 (`T5EncoderModel` / `T5ForConditionalGeneration`) or BERT dir: the token head starts at a seeded
       random init (logged), ready for fine-tuning.
-  Keyword overrides change max lengths, dtypes, scan/remat; `allow_partial` keeps missing tensors at init (listed in
-  the log) instead of raising. Returns a `PretrainedXTR`.
+  Keyword overrides change max lengths, dtypes, scan/remat, token_dim (0 = no projection head: L2-normalized backbone
+  hidden states, e.g. an untrained sentence encoder used as a multi-vector baseline); `allow_partial` keeps missing
+  tensors at init (listed in the log) instead of raising. Returns a `PretrainedXTR`.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model dir {path!r} does not exist")

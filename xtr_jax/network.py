@@ -530,17 +530,27 @@ def l2_normalize(x: Array, axis: int = -1) -> Array:
 class XTREncoder(nn.Module):
   """Backbone -> bias-free Dense d_model -> token_dim (`proj` axis) -> zero padding -> L2 normalize.
 
-  token_ids int32 [B, L], mask bool [B, L] -> float32 [B, L, token_dim]; rows at padding are exactly zero and valid
+  token_ids int32 [B, L], mask bool [B, L] -> float32 [B, L, output_dim]; rows at padding are exactly zero and valid
   rows have unit norm. Parameters: {"encoder": backbone params, "token_proj": {"kernel": [d_model, token_dim]}}.
+  token_dim=0 means no projection head: the backbone's last hidden states themselves (padding zeroed, L2-normalized,
+  output_dim = d_model) and no "token_proj" parameters -- e.g. to evaluate an untrained sentence encoder as a
+  multi-vector retriever.
   """
   config: EncoderConfig
   token_dim: int = 128
+
+  @property
+  def output_dim(self) -> int:
+    return self.token_dim if self.token_dim else self.config.d_model
 
   @nn.compact
   def __call__(self, token_ids: Array, mask: Array, *, deterministic: bool = True) -> Array:
     cfg = self.config
     hidden = backbone_module(cfg, name="encoder")(token_ids, mask, deterministic=deterministic)
-    emb = DenseIn(self.token_dim, False, _dtype(cfg.dtype), _dtype(cfg.param_dtype), in_axis="embed", out_axis="proj",
-                  name="token_proj")(hidden)
+    if self.token_dim:
+      emb = DenseIn(self.token_dim, False, _dtype(cfg.dtype), _dtype(cfg.param_dtype), in_axis="embed",
+                    out_axis="proj", name="token_proj")(hidden)
+    else:
+      emb = hidden
     emb = jnp.where(mask.astype(bool)[..., None], emb.astype(jnp.float32), 0.0)
     return l2_normalize(emb)

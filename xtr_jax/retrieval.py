@@ -52,7 +52,7 @@ class XTRRetriever:
 
   def __init__(self, encoder, store: export.TokenStore, index: index_lib.TokenIndex | None, *,
                query_batch: int = 32):
-    token_dim = int(encoder.model.token_dim)
+    token_dim = int(encoder.model.output_dim)
     if store.manifest["dim"] != token_dim:
       raise ValueError(f"store {store.directory!r} has dimension {store.manifest['dim']}, the model's token_dim is "
                        f"{token_dim}")
