@@ -96,13 +96,17 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
       yield line_no, line.rstrip("\r\n")
 
 
-def _parse_json_object(path, line_no: int, line: str) -> dict:
+def parse_json_object(path, line_no: int, line: str, error: type[ValueError] = BeirFormatError) -> dict:
+  """One JSONL line as a dict; `error` (naming file:line and the problem) on malformed JSON or a non-object.
+
+  Shared by every JSONL reader of `xtr_jax.data` so all of them report bad lines the same way.
+  """
   try:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
-    raise BeirFormatError(f"{_where(path, line_no)}: malformed JSON ({e.msg} at column {e.colno})") from None
+    raise error(f"{_where(path, line_no)}: malformed JSON ({e.msg} at column {e.colno})") from None
   if not isinstance(obj, dict):
-    raise BeirFormatError(f"{_where(path, line_no)}: expected a JSON object, got {type(obj).__name__}")
+    raise error(f"{_where(path, line_no)}: expected a JSON object, got {type(obj).__name__}")
   return obj
 
 
@@ -166,7 +170,7 @@ def iter_corpus(path: str | os.PathLike) -> Iterator[BeirDoc]:
   for line_no, line in iter_lines(path):
     if not line.strip():
       continue
-    obj = _parse_json_object(path, line_no, line)
+    obj = parse_json_object(path, line_no, line)
     doc_id = _get_id(path, line_no, obj)
     text = _get_text(path, line_no, obj, "text", required=True)
     title = _get_text(path, line_no, obj, "title", required=False)
@@ -197,7 +201,7 @@ def load_queries(path: str | os.PathLike, ids: Iterable[str] | None = None) -> d
   for line_no, line in iter_lines(path):
     if not line.strip():
       continue
-    obj = _parse_json_object(path, line_no, line)
+    obj = parse_json_object(path, line_no, line)
     qid = _get_id(path, line_no, obj)
     text = _get_text(path, line_no, obj, "text", required=True)
     if qid in seen:

@@ -11,10 +11,11 @@ i % shard_count): other lines are not parsed, so each training process only pars
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator
+
+from xtr_jax.data import beir
 
 
 class TrainingFileError(ValueError):
@@ -131,12 +132,7 @@ def read_jsonl_examples(path: str | os.PathLike, *, query_field: str = "query", 
       line = _decode(path, line_no, raw)
       if not line.strip():
         continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise TrainingFileError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise TrainingFileError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+      obj = beir.parse_json_object(path, line_no, line, TrainingFileError)
       query = _string_field(path, line_no, obj, query_field, required=True)
       positive = _string_field(path, line_no, obj, positive_field, required=True)
       neg = obj.get(negative_field)
