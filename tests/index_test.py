@@ -103,3 +103,38 @@ def test_bad_inputs(data):
     idx.search(q, 0)
   with pytest.raises(FileNotFoundError, match="token_index.json"):
     index.load_index("/nonexistent_dir")
+
+
+def test_scann_saved_compactly_and_reloads_identically(data, tmp_path):
+  x, q = data
+  idx = index.build_index(x[:4000], backend="scann", num_leaves=60, num_leaves_to_search=15)
+  s, i = idx.search(q, 50)
+  idx.save(str(tmp_path))
+  names = set(os.listdir(tmp_path / "scann"))
+  # Two 4-bit codes per byte and uint16 leaf ids instead of ScaNN's one byte per code and int32 leaves.
+  assert "hashed_dataset.npy" not in names and "datapoint_to_token.npy" not in names
+  packed = np.load(tmp_path / "scann" / "hashed_dataset.nibbles.npy", allow_pickle=False)
+  assert packed.dtype == np.uint8 and packed.shape == (4000, x.shape[1] // 2)
+  assert np.load(tmp_path / "scann" / "datapoint_to_token.uint16.npy", allow_pickle=False).dtype == np.uint16
+  assert idx.index_bytes(str(tmp_path)) / 4000 < x.shape[1] / 2 + 2 + 20  # codes + leaf + shared tables
+  back = index.load_index(str(tmp_path))
+  s2, i2 = back.search(q, 50)
+  np.testing.assert_array_equal(i, i2)
+  np.testing.assert_array_equal(s, s2)
+  # The loader still reads ScaNN's own (uncompacted) layout.
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  idx.searcher.serialize(str(raw), relative_path=True)
+  np.testing.assert_array_equal(index._load_scann_searcher(str(raw)).search_batched(q, final_num_neighbors=50)[0],
+                                i)
+
+
+def test_nibble_packing_roundtrip():
+  rng = np.random.default_rng(0)
+  for width in (1, 7, 64):
+    codes = rng.integers(0, 16, (33, width)).astype(np.uint8)
+    packed = index.pack_nibbles(codes)
+    assert packed.shape == (33, (width + 1) // 2)
+    np.testing.assert_array_equal(index.unpack_nibbles(packed, width), codes)
+  with pytest.raises(ValueError, match="codes >= 16"):
+    index.pack_nibbles(np.full((2, 2), 16, np.uint8))

@@ -8,6 +8,8 @@ ScaNN defaults reproduce the official XTR notebook (google-deepmind/xtr, xtr_eva
 `builder(db, k, "dot_product").tree(num_leaves=min(2000, T), num_leaves_to_search=100,
 training_sample_size=min(250000, T)).score_ah(1, anisotropic_quantization_threshold=0.1).build()`, no reordering.
 Every parameter is a keyword of the gin-configurable `build_index` (gin name `xtr_build_index`).
+A saved ScaNN index keeps two 4-bit AH codes per byte and uint16 leaf ids (ScaNN's own serialize spends a byte per
+code and an int32 per leaf id: 133 -> 67 bytes/token at 128-d); `load_index` reads both layouts.
 
 A search asking for k > T neighbours is clamped to k = T and the remaining columns are padding (-1 / -inf): the
 scorer treats them as missing, so asking for k' larger than the corpus is harmless.
@@ -219,7 +221,77 @@ class ScannIndex(TokenIndex):
     scann_dir = os.path.join(directory, "scann")
     os.makedirs(scann_dir, exist_ok=True)
     self.searcher.serialize(scann_dir, relative_path=True)
+    _compact_scann_arrays(scann_dir)
     return [os.path.join("scann", n) for n in sorted(os.listdir(scann_dir))]
+
+
+# ScaNN serializes each 4-bit AH code in a whole byte and each token's leaf as int32; on disk we keep two codes per
+# byte and the leaf as uint16 (when it fits), which halves the index. `_expanded_scann_dir` restores ScaNN's own
+# layout in a temporary directory just long enough for `load_searcher` to read it into memory.
+_CODES, _LEAVES = "hashed_dataset.npy", "datapoint_to_token.npy"
+_PACKED_CODES, _PACKED_LEAVES = "hashed_dataset.nibbles.npy", "datapoint_to_token.uint16.npy"
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+  """uint8 [T, B] with values < 16 -> uint8 [T, ceil(B / 2)] (column 2j in the low nibble, 2j+1 in the high)."""
+  if codes.size and int(codes.max()) >= 16:
+    raise ValueError(f"cannot pack codes >= 16 into nibbles (max {int(codes.max())})")
+  if codes.shape[1] % 2:
+    codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), np.uint8)], axis=1)
+  return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, num_codes: int) -> np.ndarray:
+  """Inverse of `pack_nibbles`: uint8 [T, ceil(B / 2)] -> uint8 [T, B]."""
+  out = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
+  out[:, 0::2] = packed & 0x0F
+  out[:, 1::2] = packed >> 4
+  return np.ascontiguousarray(out[:, :num_codes])
+
+
+def _compact_scann_arrays(scann_dir: str) -> None:
+  codes_path, leaves_path = os.path.join(scann_dir, _CODES), os.path.join(scann_dir, _LEAVES)
+  if os.path.isfile(codes_path):
+    codes = np.load(codes_path, allow_pickle=False)
+    if codes.dtype == np.uint8 and codes.ndim == 2 and (codes.size == 0 or int(codes.max()) < 16):
+      packed = pack_nibbles(codes)
+      np.save(os.path.join(scann_dir, _PACKED_CODES), packed, allow_pickle=False)
+      with open(os.path.join(scann_dir, _PACKED_CODES + ".json"), "w", encoding="utf-8") as f:
+        json.dump({"num_codes": int(codes.shape[1])}, f)
+      os.remove(codes_path)
+  if os.path.isfile(leaves_path):
+    leaves = np.load(leaves_path, allow_pickle=False)
+    if leaves.ndim == 1 and leaves.dtype == np.int32 and (leaves.size == 0 or
+                                                          (leaves.min() >= 0 and leaves.max() < 2**16)):
+      np.save(os.path.join(scann_dir, _PACKED_LEAVES), leaves.astype(np.uint16), allow_pickle=False)
+      os.remove(leaves_path)
+
+
+def _load_scann_searcher(scann_dir: str):
+  """`scann.load_searcher` on a directory written by `ScannIndex._save_files` (compact or ScaNN's own layout)."""
+  import scann  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  compact = [n for n in (_PACKED_CODES, _PACKED_LEAVES) if os.path.isfile(os.path.join(scann_dir, n))]
+  if not compact:
+    return scann.scann_ops_pybind.load_searcher(scann_dir)
+  with tempfile.TemporaryDirectory(prefix="xtr_scann_") as tmp:
+    for name in os.listdir(scann_dir):
+      if name not in (_PACKED_CODES, _PACKED_CODES + ".json", _PACKED_LEAVES):
+        os.symlink(os.path.abspath(os.path.join(scann_dir, name)), os.path.join(tmp, name))
+    if _PACKED_CODES in compact:
+      meta_path = os.path.join(scann_dir, _PACKED_CODES + ".json")
+      with open(meta_path, encoding="utf-8") as f:
+        num_codes = int(json.load(f)["num_codes"])
+      packed = np.load(os.path.join(scann_dir, _PACKED_CODES), allow_pickle=False)
+      if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != (num_codes + 1) // 2:
+        raise ValueError(f"{scann_dir}/{_PACKED_CODES}: expected uint8 [T, {(num_codes + 1) // 2}], got "
+                         f"{packed.dtype} {list(packed.shape)}")
+      np.save(os.path.join(tmp, _CODES), unpack_nibbles(packed, num_codes), allow_pickle=False)
+      del packed
+    if _PACKED_LEAVES in compact:
+      leaves = np.load(os.path.join(scann_dir, _PACKED_LEAVES), allow_pickle=False)
+      np.save(os.path.join(tmp, _LEAVES), leaves.astype(np.int32), allow_pickle=False)
+    return scann.scann_ops_pybind.load_searcher(tmp)
 
 
 def _build_scann(embeddings: np.ndarray, *, num_neighbors: int, num_leaves: int, num_leaves_to_search: int,
@@ -323,13 +395,12 @@ def load_index(directory: str, *, expect_identity: dict[str, Any] | None = None,
     return BruteForceIndex(emb, chunk_size=params["chunk_size"], query_batch=params["query_batch"],
                            identity=identity, build_seconds=params["build_seconds"])
   if manifest["backend"] == "scann":
-    import scann  # pylint: disable=g-import-not-at-top
     scann_dir = os.path.join(directory, "scann")
     if os.path.exists(os.path.join(scann_dir, "scann_docids.pkl")):
       raise ValueError(f"{scann_dir}/scann_docids.pkl: refusing to load a pickle (this project never writes docids)")
     if search_threads is not None:
       params["search_threads"] = int(search_threads)
-    searcher = scann.scann_ops_pybind.load_searcher(scann_dir)
+    searcher = _load_scann_searcher(scann_dir)
     return ScannIndex(searcher, num_tokens=manifest["num_tokens"], dim=manifest["dim"], params=params,
                       identity=identity)
   raise ValueError(f"{path}: backend expected one of {BACKENDS}, got {manifest['backend']!r}")
