@@ -196,6 +196,9 @@ def test_index_of_another_model_is_refused(tmp_path, scifact_subset, model_dir, 
   _cli(model_dir, scifact_subset, tmp_path / "a", *common)
   with pytest.raises(ValueError, match="built by another model"):
     _cli(other, scifact_subset, tmp_path / "b", *common)
+  # Only the query length differs: the document export and index are reused.
+  res = _cli(model_dir, scifact_subset, tmp_path / "q", *common, "--gin.xtr_eval.query_max_len=12")
+  assert res["datasets"][0]["index"]["reused"] is True
   res = _cli(other, scifact_subset, tmp_path / "c", *common, "--gin.xtr_eval.rebuild_index=True")
   assert res["datasets"][0]["index"]["reused"] is False and res["datasets"][0]["index"]["backend"] == "bruteforce"
   assert res["datasets"][0]["num_queries"] == 4

@@ -64,6 +64,20 @@ def test_export_reloads_identically_and_resumes(tmp_path, bert_vocab):
   again = export.TokenStore.open(out)
   np.testing.assert_array_equal(np.asarray(again.embeddings), np.asarray(store.embeddings))
 
+  # The query length is not part of what a document export depends on: resuming with it changed skips every shard.
+  longer_queries = models.PretrainedXTR(
+      models.XTRModel(encoder_config=enc.model.encoder_config, token_dim=16, query_max_len=32, doc_max_len=24,
+                      vocab_path=bert_vocab), enc.params)
+  os.remove(os.path.join(out, "shard_00001.json"))
+  export.export_corpus(longer_queries, str(tmp_path / "corpus"), out, docs_per_shard=7, batch_size=4,
+                       dtype="float32")
+  assert os.path.getmtime(os.path.join(out, "shard_00000.embeddings.npy")) == before
+  np.testing.assert_array_equal(np.asarray(export.TokenStore.open(out).embeddings), np.asarray(store.embeddings))
+  # ... but the document length is.
+  with pytest.raises(ValueError, match="identity"):
+    export.export_corpus(models.PretrainedXTR(models.XTRModel(
+        encoder_config=enc.model.encoder_config, token_dim=16, query_max_len=8, doc_max_len=20, vocab_path=bert_vocab),
+        enc.params), str(tmp_path / "corpus"), out, docs_per_shard=7, dtype="float32")
   # Resuming with another model into the same directory is refused.
   with pytest.raises(ValueError, match="identity"):
     export.export_corpus(tiny_model(bert_vocab, seed=1), str(tmp_path / "corpus"), out, docs_per_shard=7,

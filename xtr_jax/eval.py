@@ -163,15 +163,16 @@ def ensure_token_store(encoder, dataset_root: str, store_dir: str, corpus_ids: S
   A store written by another model (identity differs) or for another corpus (document ids differ) is refused with
   ValueError unless `rebuild`, which re-exports it. Returns (TokenStore, TokenIndex, info dict with timings).
   """
-  want = json.loads(json.dumps(encoder.identity()))
+  want = export.document_identity(json.loads(json.dumps(encoder.identity())))
   manifest_path = os.path.join(store_dir, export.MANIFEST)
   info: dict[str, Any] = {"store_dir": store_dir, "reused": False, "export_s": 0.0, "index_build_s": 0.0}
   if os.path.isfile(manifest_path):
     store = export.TokenStore.open(store_dir)
     problem = None
-    if store.identity != want:
-      diff = sorted(k for k in set(want) | set(store.identity) if want.get(k) != store.identity.get(k))
-      stored_sha, this_sha = (str(x.get("model_sha256"))[:12] for x in (store.identity, want))
+    stored = export.document_identity(store.identity)
+    if stored != want:
+      diff = sorted(k for k in set(want) | set(stored) if want.get(k) != stored.get(k))
+      stored_sha, this_sha = (str(x.get("model_sha256"))[:12] for x in (stored, want))
       problem = (f"was built by another model (differs in {diff}; stored model_sha256 {stored_sha}..., "
                  f"this model {this_sha}...)")
     elif list(store.doc_ids) != list(corpus_ids):

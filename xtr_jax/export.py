@@ -119,6 +119,16 @@ def write_shard(directory: str, index: int, *, doc_start: int, doc_ids: list[str
   return meta
 
 
+# Document token embeddings do not depend on how long queries may be, so an export is shared by encoders that
+# differ only in these identity keys.
+QUERY_ONLY_KEYS = ("query_max_len",)
+
+
+def document_identity(identity: dict[str, Any]) -> dict[str, Any]:
+  """The part of a model identity (`PretrainedXTR.identity()`) that a document export depends on."""
+  return {k: v for k, v in identity.items() if k not in QUERY_ONLY_KEYS}
+
+
 def _finished_shard(directory: str, index: int, doc_start: int, doc_ids: list[str],
                     identity: dict[str, Any], dtype: str) -> dict[str, Any] | None:
   """Metadata of an already finished, verified, matching shard; None if not finished; error if it conflicts."""
@@ -126,9 +136,10 @@ def _finished_shard(directory: str, index: int, doc_start: int, doc_ids: list[st
   if not os.path.isfile(path):
     return None
   meta = _read_json(path)
-  want = {"doc_start": doc_start, "num_docs": len(doc_ids), "identity": identity, "dtype": dtype}
+  want = {"doc_start": doc_start, "num_docs": len(doc_ids), "identity": document_identity(identity), "dtype": dtype}
+  got = dict(meta, identity=document_identity(meta["identity"])) if isinstance(meta.get("identity"), dict) else meta
   for key, value in want.items():
-    if meta.get(key) != value:
+    if got.get(key) != value:
       raise ValueError(f"{path}: field {key!r} is {meta.get(key)!r} but this export has {value!r}; the output dir "
                        "holds a different export (other model / corpus / settings): use a new output_dir or "
                        "overwrite=True")
