@@ -1,0 +1,66 @@
+"""xtr_jax.report: tables read the evaluation outputs exactly; missing outputs are named."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from xtr_jax import report
+
+
+def _write_eval(root, datasets: dict[str, dict[str, float]], analysis: dict | None = None):
+  rows = []
+  for d, systems in datasets.items():
+    os.makedirs(root / d, exist_ok=True)
+    k_of = lambda s: int(s.rsplit("k", 1)[1]) if s != "bm25" else None  # noqa: E731
+    res = {"systems": {s: {"k_prime": k_of(s), "metrics": {"nDCG@10": v, "Recall@100": v / 2}}
+                       for s, v in systems.items()}, "analysis": analysis or {}}
+    (root / d / "metrics.json").write_text(json.dumps(res))
+    rows += [{"dataset": d, "system": s} for s in systems]
+  (root / "summary.json").write_text(json.dumps({"rows": rows}))
+  return str(root)
+
+
+def test_tables_from_eval_outputs(tmp_path):
+  a = _write_eval(tmp_path / "a", {"scifact": {"xtr-kth-k100": 0.70, "colbert-k1000": 0.72, "bm25": 0.66,
+                                               "xtr-kth-k1000": 0.715}},
+                  analysis={"100": {"gold_token_ratio": 0.25, "lexical_token_ratio": 0.5,
+                                    "cost": {"candidates_per_query": 321.4}}})
+  b = _write_eval(tmp_path / "b", {"scifact": {"xtr-kth-k100": 0.74, "colbert-k100": 0.745, "bm25": 0.66},
+                                   "cranfield": {"xtr-zero-k100": 0.30, "bm25": 0.35}})
+  out = tmp_path / "r" / "results.md"
+  text = report.report(evals=[("untrained", a), ("trained", b)], output=str(out))
+  assert out.read_text() == text
+  lines = text.splitlines()
+  assert "| model | system | scifact nDCG@10 | scifact Recall@100 | cranfield nDCG@10 | cranfield Recall@100 |" in lines
+  # ColBERT first, then XTR by k'; BM25 once (from the first evaluation that has it).
+  assert lines.index("| untrained | ColBERT rescoring (all tokens of candidates), k'=1000 | 72.0 | 36.0 | – | – |") < \
+      lines.index("| untrained | XTR scoring, k'=100 | 70.0 | 35.0 | – | – |") < \
+      lines.index("| untrained | XTR scoring, k'=1000 | 71.5 | 35.8 | – | – |")
+  assert sum(line.startswith("| BM25") for line in lines) == 1
+  assert "| trained | XTR scoring, zero imputation, k'=100 | – | – | 30.0 | 15.0 |" in lines
+  # XTR vs ColBERT at the largest ColBERT k'; datasets without both are left out.
+  assert "| untrained | scifact | 72.0 (k'=1000) | k'=100, k'=1000 | 70.0 (-2.0) / 71.5 (-0.5) |" in lines
+  assert "| trained | scifact | 74.5 (k'=100) | k'=100 | 74.0 (-0.5) |" in lines
+  assert not any(line.startswith("| trained | cranfield | ") and "(k'=" in line for line in lines)
+  assert "| untrained | scifact | 100 | 0.250 | 0.500 | 321 |" in lines
+
+
+def test_missing_eval_output_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a finished `xtr_jax.eval` output dir"):
+    report.report(evals={"x": str(tmp_path)})
+  d = _write_eval(tmp_path / "a", {"scifact": {"bm25": 0.5}})
+  os.remove(os.path.join(d, "scifact", "metrics.json"))
+  with pytest.raises(FileNotFoundError, match="scifact/metrics.json not found"):
+    report.report(evals={"x": d})
+  with pytest.raises(ValueError, match="pairs"):
+    report.report(evals=[("x", d, "extra")])
+
+
+def test_cli(tmp_path):
+  a = _write_eval(tmp_path / "a", {"scifact": {"xtr-kth-k100": 0.70, "colbert-k100": 0.72}})
+  text = report.main([f"--gin.xtr_report.evals=[('m', '{a}')]", f"--gin.xtr_report.output='{tmp_path / 'o.md'}'"])
+  assert "| m | scifact | 72.0 (k'=100) | k'=100 | 70.0 (-2.0) |" in text.splitlines()
+  assert (tmp_path / "o.md").is_file()

@@ -1,0 +1,165 @@
+"""Comparison tables (Markdown) from several `python -m xtr_jax.eval` output directories.
+
+    python -m xtr_jax.report \
+      --gin.xtr_report.evals="[('untrained', '/tmp/untrained/eval'), ('XTR-trained', '/tmp/xtr/eval')]" \
+      --gin.xtr_report.output="'/tmp/results.md'"
+
+Three tables, every number read from the evaluations' `<dataset>/metrics.json` (nothing is recomputed):
+  1. metrics: one row per (model, system), nDCG@10 and Recall@100 (x100) per dataset; BM25 once (it does not
+     depend on the model).
+  2. XTR scoring vs full ColBERT rescoring: nDCG@10 of XTR (k'-th-score imputation) at each k' minus the ColBERT
+     pipeline's at the largest k' evaluated (the paper's "does XTR lose anything by scoring only retrieved tokens").
+  3. token analyses (evaluations run with --analysis): gold-token and lexical-token ratios per k'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any, Mapping, Sequence
+
+import gin
+
+from xtr_jax import gin_utils
+
+_SYSTEM = re.compile(r"^(?P<family>xtr|exact|colbert)(?:-(?P<imp>[a-z]+))?-k(?P<k>\d+)$")
+_FAMILY_ORDER = {"colbert": 0, "xtr": 1, "exact": 2}
+_FAMILY_LABEL = {"colbert": "ColBERT rescoring (all tokens of candidates)", "xtr": "XTR scoring",
+                 "exact": "XTR scoring, exact token search"}
+
+
+def read_eval_dir(eval_dir: str) -> dict[str, dict[str, Any]]:
+  """{dataset name: metrics.json dict} for every dataset evaluated in `eval_dir` (its summary.json order)."""
+  summary_path = os.path.join(eval_dir, "summary.json")
+  if not os.path.isfile(summary_path):
+    raise FileNotFoundError(f"{summary_path} not found: {eval_dir!r} is not a finished `xtr_jax.eval` output dir")
+  with open(summary_path, encoding="utf-8") as f:
+    summary = json.load(f)
+  names = list(dict.fromkeys(r["dataset"] for r in summary.get("rows", [])))
+  if not names:
+    raise ValueError(f"{summary_path}: no rows")
+  out = {}
+  for name in names:
+    path = os.path.join(eval_dir, name, "metrics.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} not found (listed in {summary_path})")
+    with open(path, encoding="utf-8") as f:
+      out[name] = json.load(f)
+    if "systems" not in out[name]:
+      raise ValueError(f"{path}: missing field 'systems'")
+  return out
+
+
+def _system_key(name: str) -> tuple:
+  m = _SYSTEM.match(name)
+  if not m:
+    return (9, name, 0)
+  return (_FAMILY_ORDER[m["family"]], m["imp"] or "", int(m["k"]))
+
+
+def _describe(name: str) -> str:
+  m = _SYSTEM.match(name)
+  if not m:
+    return name
+  imp = "" if m["family"] == "colbert" or m["imp"] in (None, "kth") else f", {m['imp']} imputation"
+  return f"{_FAMILY_LABEL[m['family']]}{imp}, k'={m['k']}"
+
+
+def _cell(value: float | None) -> str:
+  return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def metrics_table(evals: Sequence[tuple[str, Mapping[str, dict]]], metrics: Sequence[str]) -> str:
+  """Table 1: rows (model, system), columns dataset x metric (x100); BM25 once, from the first eval that has it."""
+  datasets = list(dict.fromkeys(d for _, e in evals for d in e))
+  header = ["model", "system"] + [f"{d} {m}" for d in datasets for m in metrics]
+  rows = []
+  bm25_done = False
+  for label, per_dataset in evals:
+    systems = sorted({s for res in per_dataset.values() for s in res["systems"]}, key=_system_key)
+    for system in systems:
+      if system == "bm25":
+        if bm25_done:
+          continue
+        bm25_done = True
+      cells = []
+      for d in datasets:
+        sysres = per_dataset.get(d, {}).get("systems", {}).get(system)
+        cells += [_cell(sysres["metrics"].get(m) if sysres else None) for m in metrics]
+      rows.append(["BM25 (bm25s)" if system == "bm25" else label,
+                   "" if system == "bm25" else _describe(system), *cells])
+  return _table(header, rows)
+
+
+def xtr_vs_colbert(evals: Sequence[tuple[str, Mapping[str, dict]]], metric: str = "nDCG@10") -> str:
+  """Table 2: XTR (kth imputation) at each k' minus ColBERT rescoring at the largest k', in `metric` points."""
+  rows = []
+  for label, per_dataset in evals:
+    for d, res in per_dataset.items():
+      colbert = {int(m["k"]): v["metrics"][metric] for s, v in res["systems"].items()
+                 if (m := _SYSTEM.match(s)) and m["family"] == "colbert"}
+      xtr = {int(m["k"]): v["metrics"][metric] for s, v in res["systems"].items()
+             if (m := _SYSTEM.match(s)) and m["family"] == "xtr" and m["imp"] == "kth"}
+      if not colbert or not xtr:
+        continue
+      kc = max(colbert)
+      ref = colbert[kc]
+      cells = [f"{100 * xtr[k]:.1f} ({100 * (xtr[k] - ref):+.1f})" for k in sorted(xtr)]
+      rows.append([label, d, f"{100 * ref:.1f} (k'={kc})", ", ".join(f"k'={k}" for k in sorted(xtr)),
+                   " / ".join(cells)])
+  return _table(["model", "dataset", f"ColBERT rescoring {metric}", "XTR at", f"XTR {metric} (Δ vs ColBERT)"], rows)
+
+
+def analysis_table(evals: Sequence[tuple[str, Mapping[str, dict]]]) -> str:
+  """Table 3: gold-token and lexical-token ratios per (model, dataset, k') where --analysis was run."""
+  rows = []
+  for label, per_dataset in evals:
+    for d, res in per_dataset.items():
+      for kp, a in sorted(res.get("analysis", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append([label, d, str(kp), f"{a['gold_token_ratio']:.3f}", f"{a['lexical_token_ratio']:.3f}",
+                     f"{a['cost']['candidates_per_query']:.0f}"])
+  return _table(["model", "dataset", "k'", "gold-token ratio", "lexical-token ratio", "candidate docs / query"],
+                rows)
+
+
+@gin.configurable("xtr_report")
+def report(*, evals: Sequence[tuple[str, str]] | Mapping[str, str] = gin.REQUIRED,
+           metrics: Sequence[str] = ("nDCG@10", "Recall@100"), output: str | None = None) -> str:
+  """Writes (to `output`, if given) and returns the Markdown tables comparing the evaluations `evals`.
+
+  Args:
+    evals: [(label, eval output dir), ...] (or a {label: dir} mapping), in table order.
+    metrics: metric names as written by `xtr_jax.eval` (columns of table 1).
+    output: Markdown file to write.
+  """
+  pairs = list(evals.items()) if isinstance(evals, Mapping) else [tuple(p) for p in evals]
+  for p in pairs:
+    if len(p) != 2:
+      raise ValueError(f"xtr_report.evals: expected (label, directory) pairs, got {p!r}")
+  loaded = [(label, read_eval_dir(path)) for label, path in pairs]
+  sources = "\n".join(f"- {label}: `{path}`" for label, path in pairs)
+  text = (f"## Retrieval quality (x100)\n\n{metrics_table(loaded, metrics)}\n\n"
+          f"## XTR scoring vs full ColBERT rescoring\n\n{xtr_vs_colbert(loaded)}\n\n"
+          f"## Token analyses\n\n{analysis_table(loaded)}\n\nEvaluations:\n{sources}\n")
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+      f.write(text)
+  print(text, flush=True)
+  return text
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  return gin_utils.run(report, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+  main()
