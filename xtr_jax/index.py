@@ -9,7 +9,8 @@ ScaNN defaults reproduce the official XTR notebook (google-deepmind/xtr, xtr_eva
 training_sample_size=min(250000, T)).score_ah(1, anisotropic_quantization_threshold=0.1).build()`, no reordering.
 Every parameter is a keyword of the gin-configurable `build_index` (gin name `xtr_build_index`).
 A saved ScaNN index keeps two 4-bit AH codes per byte and uint16 leaf ids (ScaNN's own serialize spends a byte per
-code and an int32 per leaf id: 133 -> 67 bytes/token at 128-d); `load_index` reads both layouts.
+code and an int32 per leaf id: 133.7 -> 67.7 bytes/token measured on a 1.24M-token SciFact index at 128-d);
+`load_index` reads both layouts.
 
 A search asking for k > T neighbours is clamped to k = T and the remaining columns are padding (-1 / -inf): the
 scorer treats them as missing, so asking for k' larger than the corpus is harmless.
