@@ -22,6 +22,7 @@ import abc
 import functools
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -227,7 +228,7 @@ class ScannIndex(TokenIndex):
 
 
 # ScaNN serializes each 4-bit AH code in a whole byte and each token's leaf as int32; on disk we keep two codes per
-# byte and the leaf as uint16 (when it fits), which halves the index. `_expanded_scann_dir` restores ScaNN's own
+# byte and the leaf as uint16 (when it fits), which halves the index. `_load_scann_searcher` restores ScaNN's own
 # layout in a temporary directory just long enough for `load_searcher` to read it into memory.
 _CODES, _LEAVES = "hashed_dataset.npy", "datapoint_to_token.npy"
 _PACKED_CODES, _PACKED_LEAVES = "hashed_dataset.nibbles.npy", "datapoint_to_token.uint16.npy"
@@ -271,7 +272,6 @@ def _compact_scann_arrays(scann_dir: str) -> None:
 def _load_scann_searcher(scann_dir: str):
   """`scann.load_searcher` on a directory written by `ScannIndex._save_files` (compact or ScaNN's own layout)."""
   import scann  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
   compact = [n for n in (_PACKED_CODES, _PACKED_LEAVES) if os.path.isfile(os.path.join(scann_dir, n))]
   if not compact:
     return scann.scann_ops_pybind.load_searcher(scann_dir)
