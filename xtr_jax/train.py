@@ -30,6 +30,7 @@ from xtr_jax import checkpointing, distributed, gin_utils, optimizers, partition
 # Imported for their gin configurables (XTRModel, xtr_loss, TrainInput and its sources), which gin files reference;
 # `convert` also because `models.load_pretrained` imports it lazily, which gin forbids once the config is locked.
 from xtr_jax import convert, losses, models  # noqa: F401  pylint: disable=unused-import
+from xtr_jax import head_init as _head_init  # noqa: F401  pylint: disable=unused-import  (PrincipalHeadInit)
 from xtr_jax.data import input_pipeline  # noqa: F401  pylint: disable=unused-import
 
 _WINDOW_KEYS_SUM = ("examples", "tokens", "step_time")
@@ -101,7 +102,8 @@ def run_eval(tr: trainer.Trainer, state: trainer.TrainState, batches: Iterable[d
 def train(*, model: Any = gin.REQUIRED, partitioner: partitioning.Partitioner | None = None,
           train_data: Any = gin.REQUIRED, eval_data: Iterable[dict[str, np.ndarray]] | None = None,
           optimizer: Any = None, checkpoint_cfg: checkpointing.CheckpointConfig | None = None,
-          restore_cfg: checkpointing.RestoreConfig | None = None, model_dir: str = gin.REQUIRED,
+          restore_cfg: checkpointing.RestoreConfig | None = None, head_init: Any = None,
+          model_dir: str = gin.REQUIRED,
           total_steps: int = gin.REQUIRED, eval_period: int = 0, eval_steps: int = 10, log_period: int = 10,
           num_microbatches: int = 1, seed: int = 0, export: bool = True,
           stop_after_steps: int | None = None) -> trainer.TrainState:
@@ -118,6 +120,8 @@ def train(*, model: Any = gin.REQUIRED, partitioner: partitioning.Partitioner | 
     optimizer: `(transformation, schedule)` from `optimizers.xtr_optimizer()` (default) or an optax transformation.
     checkpoint_cfg: save period / keep / async (`CheckpointConfig()` by default).
     restore_cfg: start a new run from pretrained weights (ignored when MODEL_DIR already has a checkpoint).
+    head_init: optional `head_init.PrincipalHeadInit`: on a new run, after `restore_cfg`, the token head is set to
+      the principal directions of the (restored) encoder's token states on the first training batches.
     model_dir: output directory (checked writable before anything else).
     total_steps: number of optimizer updates of the whole run.
     log_period: steps between TensorBoard / console metrics.
@@ -165,6 +169,12 @@ def train(*, model: Any = gin.REQUIRED, partitioner: partitioning.Partitioner | 
       if is_chief:
         print(f"[train] started from {restore_cfg.path}: {len(loaded)} arrays loaded, {len(skipped)} kept "
               "their initialisation", flush=True)
+    if head_init is not None:
+      params, info = head_init(tr, state.params, train_data)
+      state = state.replace(params=params)
+      if is_chief:
+        print(f"[train] token head set to the principal directions of {int(info['tokens']):,} token states "
+              f"({100 * info['retained']:.1f}% of their second moment kept)", flush=True)
   if is_chief:
     print(f"[train] {tr.params_count():,} parameters; mesh {dict(partitioner.mesh.shape)}; "
           f"{jax.process_count()} processes, {jax.device_count()} devices", flush=True)

@@ -1,0 +1,63 @@
+"""How good is an experiment's starting point? In-batch loss / accuracy of the restored encoder with its fresh random
+token head vs the principal-directions head (`head_init.PrincipalHeadInit`), on training batches.
+
+    python benchmarks/head_init_probe.py [--gin_file experiments/xtr_minilm_cpu.gin] [--batches 4] [--gin.X=V ...]
+
+The batches are the ones right AFTER those the head is estimated from (the head sees `PrincipalHeadInit.num_batches`
+batches, default 4), so the figures are not measured on the estimation data. Both losses are reported (XTR with the
+experiment's k_train and temperature; ColBERT with its temperature), without dropout. Training data only: nothing here
+looks at an evaluation set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--gin_file", default="experiments/xtr_minilm_cpu.gin")
+  ap.add_argument("--batches", type=int, default=4)
+  args, rest = ap.parse_known_args()
+
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from xtr_jax import checkpointing, gin_utils, head_init, losses, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
+  from xtr_jax import train as _train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (configurables)
+  from xtr_jax.data import contamination  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+  bindings = [b.split("=", 1)[1] for b in gin_utils.rewrite_gin_args(rest) if b.startswith("--gin_bindings=")]
+  gin_utils.parse_gin([args.gin_file], ["MODEL_DIR = '/tmp/unused_head_probe'"] + bindings)
+  model = gin.get_configurable("XTRModel")()
+  data = gin.get_configurable("TrainInput")()
+  restore = gin.get_configurable("RestoreConfig")()
+  init = head_init.PrincipalHeadInit()
+  tx, schedule = optimizers.xtr_optimizer()
+  tr = trainer.Trainer(model=model, partitioner=partitioning.Partitioner(), optimizer=tx, schedule=schedule)
+  state = tr.init_state(jax.random.PRNGKey(int(gin.query_parameter("%SEED"))))
+  source = checkpointing.load_source_tree(restore.path, vocab_path=restore.vocab_path)
+  state, _, _ = checkpointing.apply_restore_rules(state, source, restore)
+
+  principal, info = init(tr, state.params, data)  # rewinds `data`
+  centered, cinfo = head_init.PrincipalHeadInit(num_batches=init.num_batches, center=True)(tr, state.params, data)
+  it = iter(data)
+  for _ in range(init.num_batches):
+    next(it)
+  batches = [tr.global_batch(next(it)) for _ in range(args.batches)]
+  print(f"principal head: {100 * info['retained']:.1f}% of the second moment of {int(info['tokens']):,} token "
+        f"states kept (centered: {100 * cinfo['retained']:.1f}% of the covariance); evaluated on {args.batches} "
+        f"later batches of {batches[0]['query_tokens'].shape[0]}")
+  print(f"{'head':<12}{'loss':<8}{'loss value':>12}{'accuracy':>10}")
+  for loss_name, loss_fn in (("xtr", losses.xtr_loss), ("colbert", losses.colbert_loss)):
+    model._loss = loss_fn  # pylint: disable=protected-access
+    tr._eval_jit = None  # pylint: disable=protected-access
+    for head, params in (("random", state.params), ("principal", principal), ("centered", centered)):
+      ms = [jax.device_get(tr.eval_step(state.replace(params=params), b)) for b in batches]
+      print(f"{head:<12}{loss_name:<8}{statistics.mean(float(m['loss']) for m in ms):>12.4f}"
+            f"{statistics.mean(float(m['accuracy']) for m in ms):>10.4f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
