@@ -190,6 +190,29 @@ def test_schedule_warmup_then_decay_and_adafactor_step():
   assert moved > 1e-4
 
 
+def test_lr_multipliers_scale_matching_parameters_in_a_sharded_step():
+  """AdamW with a 10x head multiplier equals, leaf by leaf, AdamW at the base rate for the encoder and at 10x the
+  rate for the head (independent optax references), on a 4x2 mesh."""
+  base = optax.constant_schedule(1e-3)
+  tx, _ = optimizers.xtr_optimizer(schedule=base, clip_norm=None, lr_multipliers=[("token_proj/.*", 10.0)])
+  tr = trainer.Trainer(model=_model(), partitioner=_partitioner(), optimizer=tx)
+  state = tr.init_state(jax.random.PRNGKey(0))
+  params = jax.device_get(state.params)
+  batch = next(RandomPairs(8))
+  grads = jax.grad(lambda p: tr.model.loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)[0])(params)
+  state, _ = tr.train_step(state, tr.global_batch(batch), jax.random.PRNGKey(0))
+  new = jax.device_get(state.params)
+  for lr, part in ((1e-3, "encoder"), (1e-2, "token_proj")):
+    ref_tx = optax.adamw(lr, weight_decay=0.0)
+    upd, _ = ref_tx.update(grads[part], ref_tx.init(params[part]), params[part])
+    expected = optax.apply_updates(params[part], upd)
+    for a, b in zip(jax.tree.leaves(new[part]), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for bad in ([("x", 0.0)], [("(", 2.0)], ["token_proj"]):
+    with pytest.raises(ValueError, match="lr_multipliers"):
+      optimizers.xtr_optimizer(schedule=base, lr_multipliers=bad)
+
+
 # ----------------------------------------------------------------------------------------------- NaN/Inf guard
 
 
