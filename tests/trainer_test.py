@@ -211,6 +211,9 @@ def test_lr_multipliers_scale_matching_parameters_in_a_sharded_step():
   for bad in ([("x", 0.0)], [("(", 2.0)], ["token_proj"]):
     with pytest.raises(ValueError, match="lr_multipliers"):
       optimizers.xtr_optimizer(schedule=base, lr_multipliers=bad)
+  misspelt, _ = optimizers.xtr_optimizer(schedule=base, lr_multipliers=[("token_prj/.*", 10.0)])
+  with pytest.raises(ValueError, match=r"\['token_prj/\.\*'\] match no parameter; parameter names: encoder/"):
+    misspelt.init(params)
 
 
 # ----------------------------------------------------------------------------------------------- NaN/Inf guard

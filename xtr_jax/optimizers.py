@@ -81,7 +81,8 @@ def scale_by_name(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
   effective learning rate (and AdamW's decoupled weight decay with it).
 
   Raises:
-    ValueError: a rule that is not a (str, positive number) pair or an invalid regex.
+    ValueError: a rule that is not a (str, positive number) pair or an invalid regex; at `init`, a rule that matches
+      no parameter.
   """
   compiled = []
   for rule in rules:
@@ -100,11 +101,20 @@ def scale_by_name(rules: Sequence[tuple[str, float]]) -> optax.GradientTransform
         return value
     return 1.0
 
+  def init_fn(params):
+    # A misspelt rule would otherwise silently train everything at the base rate.
+    names = [checkpointing.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    unused = [pattern.pattern for pattern, _ in compiled if not any(pattern.fullmatch(n) for n in names)]
+    if unused:
+      shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+      raise ValueError(f"lr_multipliers rules {unused} match no parameter; parameter names: {shown}")
+    return optax.EmptyState()
+
   def update_fn(updates, state, params=None):
     del params
     return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _decay_mask(params):
