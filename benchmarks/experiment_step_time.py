@@ -18,6 +18,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _experiment  # noqa: E402  pylint: disable=g-import-not-at-top
+
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -28,17 +31,9 @@ def main() -> None:
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  from xtr_jax import gin_utils, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
-  from xtr_jax import train as _train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (configurables)
-  from xtr_jax.data import contamination  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-
-  bindings = [b.split("=", 1)[1] for b in gin_utils.rewrite_gin_args(rest) if b.startswith("--gin_bindings=")]
-  gin_utils.parse_gin([args.gin_file], ["MODEL_DIR = '/tmp/unused_step_time'"] + bindings)
+  exp = _experiment.load_experiment(args.gin_file, rest)
   total_steps = int(gin.query_parameter("%TRAIN_STEPS"))
-  model = gin.get_configurable("XTRModel")()
-  data = gin.get_configurable("TrainInput")()
-  tx, schedule = optimizers.xtr_optimizer()
-  tr = trainer.Trainer(model=model, partitioner=partitioning.Partitioner(), optimizer=tx, schedule=schedule)
+  data, tr = exp["data"], exp["trainer"]
   state = tr.init_state(jax.random.PRNGKey(0))
   rng = jax.random.PRNGKey(1)
   batches = [tr.global_batch(b) for b, _ in zip(data, range(args.steps + 1))]

@@ -12,7 +12,12 @@ looks at an evaluation set.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _experiment  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main() -> None:
@@ -24,18 +29,12 @@ def main() -> None:
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  from xtr_jax import checkpointing, gin_utils, head_init, losses, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
-  from xtr_jax import train as _train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (configurables)
-  from xtr_jax.data import contamination  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from xtr_jax import checkpointing, head_init, losses  # pylint: disable=g-import-not-at-top
 
-  bindings = [b.split("=", 1)[1] for b in gin_utils.rewrite_gin_args(rest) if b.startswith("--gin_bindings=")]
-  gin_utils.parse_gin([args.gin_file], ["MODEL_DIR = '/tmp/unused_head_probe'"] + bindings)
-  model = gin.get_configurable("XTRModel")()
-  data = gin.get_configurable("TrainInput")()
+  exp = _experiment.load_experiment(args.gin_file, rest)
+  model, data, tr = exp["model"], exp["data"], exp["trainer"]
   restore = gin.get_configurable("RestoreConfig")()
   init = head_init.PrincipalHeadInit()
-  tx, schedule = optimizers.xtr_optimizer()
-  tr = trainer.Trainer(model=model, partitioner=partitioning.Partitioner(), optimizer=tx, schedule=schedule)
   state = tr.init_state(jax.random.PRNGKey(int(gin.query_parameter("%SEED"))))
   source = checkpointing.load_source_tree(restore.path, vocab_path=restore.vocab_path)
   state, _, _ = checkpointing.apply_restore_rules(state, source, restore)
