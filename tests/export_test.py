@@ -160,3 +160,35 @@ def test_gin_entry_point_sharded_over_devices(tmp_path, bert_vocab):
                              atol=1e-5)
   idx = index.load_index(os.path.join(out, export.INDEX_SUBDIR), expect_identity=enc.identity())
   assert idx.backend == "bruteforce" and idx.num_tokens == store.num_tokens
+
+
+def test_export_without_special_tokens_stores_only_scored_tokens(tmp_path, bert_vocab):
+  """A model that does not score [CLS]/[SEP] exports only its scored tokens, and its store is kept apart from the
+  scoring model's: resuming across the two settings and querying one with the other are refused."""
+  scored = tiny_model(bert_vocab)
+  unscored = models.PretrainedXTR(models.XTRModel(
+      encoder_config=scored.model.encoder_config, token_dim=16, query_max_len=8, doc_max_len=24,
+      vocab_path=bert_vocab, score_special_tokens=False), scored.params)
+  docs = write_corpus(tmp_path / "corpus", 9, seed=2)
+  out = str(tmp_path / "out")
+  export.export_corpus(unscored, str(tmp_path / "corpus"), out, docs_per_shard=4, batch_size=4, dtype="float32")
+  store = export.TokenStore.open(out)
+  texts = [tokenization.preprocess_document(d["title"], d["text"]) for d in docs]
+  ids, mask = scored.model.tokenize_documents(texts)
+  emb_all, _ = scored.encode_documents(texts)
+  keep = mask & ~np.isin(ids, scored.model.tokenizer.special_ids)
+  assert keep.sum() == store.num_tokens == mask.sum() - 2 * len(docs)
+  for j in range(len(docs)):
+    lo, hi = store.doc_offsets[j], store.doc_offsets[j + 1]
+    np.testing.assert_array_equal(store.token_ids[lo:hi], ids[j][keep[j]])
+    np.testing.assert_allclose(store.embeddings[lo:hi], emb_all[j][keep[j]], atol=1e-5)  # same context
+  assert store.identity["score_special_tokens"] is False
+  os.remove(os.path.join(out, "shard_00001.json"))
+  with pytest.raises(ValueError, match="identity"):
+    export.export_corpus(scored, str(tmp_path / "corpus"), out, docs_per_shard=4, dtype="float32")
+  from xtr_jax import retrieval  # pylint: disable=g-import-not-at-top
+  export.export_corpus(unscored, str(tmp_path / "corpus"), out, docs_per_shard=4, dtype="float32")
+  export.build_store_index(out, backend="bruteforce")
+  assert retrieval.XTRRetriever.load(unscored, out).search(["protein cell"], k=3, token_top_k=5)[0]
+  with pytest.raises(ValueError, match="score_special_tokens"):
+    retrieval.XTRRetriever.load(scored, out)

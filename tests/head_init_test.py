@@ -13,11 +13,11 @@ import pytest
 from xtr_jax import head_init, losses, models, network, partitioning, train, trainer
 
 
-def _model(token_dim: int = 16):
-  enc = network.T5EncoderConfig(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                dropout_rate=0.0)
+def _model(token_dim: int = 16, **kw):
+  enc = network.T5EncoderConfig(vocab_size=32128 if kw else 128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_heads=4, dropout_rate=0.0)
   return models.XTRModel(encoder_config=enc, token_dim=token_dim, query_max_len=8, doc_max_len=16,
-                         loss=functools.partial(losses.xtr_loss, k_train=8))
+                         loss=functools.partial(losses.xtr_loss, k_train=8), **kw)
 
 
 class Batches:
@@ -35,10 +35,12 @@ class Batches:
     b = self.batch_size
     q_mask = np.arange(8)[None, :] < rng.integers(2, 9, (b, 1))
     d_mask = np.arange(16)[None, None, :] < rng.integers(3, 17, (b, 2, 1))
-    return {"query_tokens": np.where(q_mask, rng.integers(2, 128, (b, 8)), 0).astype(np.int32),
-            "query_mask": q_mask,
-            "doc_tokens": np.where(d_mask, rng.integers(2, 128, (b, 2, 16)), 0).astype(np.int32),
-            "doc_mask": d_mask}
+    q_tok = np.where(q_mask, rng.integers(2, 128, (b, 8)), 0).astype(np.int32)
+    d_tok = np.where(d_mask, rng.integers(2, 128, (b, 2, 16)), 0).astype(np.int32)
+    # The T5 EOS (id 1) closes every text, as the tokenizer writes it.
+    q_tok[np.arange(b), q_mask.sum(-1) - 1] = 1
+    np.put_along_axis(d_tok, d_mask.sum(-1, keepdims=True) - 1, 1, axis=-1)
+    return {"query_tokens": q_tok, "query_mask": q_mask, "doc_tokens": d_tok, "doc_mask": d_mask}
 
   def get_state(self):
     return {"step": self.step}
@@ -59,10 +61,12 @@ def _numpy_states(model, params, batches) -> np.ndarray:
   rows = []
   for b in batches:
     q = np.asarray(backbone.encode(enc, b["query_tokens"], b["query_mask"]))
-    rows.append(q[b["query_mask"]])
+    eos_scored = model.score_special_tokens
+    rows.append(q[b["query_mask"] & (eos_scored | (b["query_tokens"] != 1))])
     bsz, g, ld = b["doc_tokens"].shape
-    p = np.asarray(backbone.encode(enc, b["doc_tokens"].reshape(bsz * g, ld), b["doc_mask"].reshape(bsz * g, ld)))
-    rows.append(p[b["doc_mask"].reshape(bsz * g, ld)])
+    d_tok, d_mask = b["doc_tokens"].reshape(bsz * g, ld), b["doc_mask"].reshape(bsz * g, ld)
+    p = np.asarray(backbone.encode(enc, d_tok, d_mask))
+    rows.append(p[d_mask & (eos_scored | (d_tok != 1))])
   return np.concatenate(rows).astype(np.float64)
 
 
@@ -102,9 +106,10 @@ def test_principal_directions_bad_input(gram, dim, message):
 
 # ------------------------------------------------------------------------------------------------ on the mesh
 
-@pytest.mark.parametrize("center", [False, True])
-def test_head_is_top_eigenvectors_of_backbone_states_and_input_is_rewound(center):
-  model = _model()
+@pytest.mark.parametrize("center,unscored_eos", [(False, False), (True, False), (False, True)])
+def test_head_is_top_eigenvectors_of_backbone_states_and_input_is_rewound(center, unscored_eos, t5_vocab):
+  # unscored_eos: a model that does not score special tokens takes its head from the scored tokens only.
+  model = _model(vocab_path=t5_vocab, score_special_tokens=False) if unscored_eos else _model()
   tr = _trainer(model)
   state = tr.init_state(jax.random.PRNGKey(0))
   data = Batches()

@@ -211,3 +211,68 @@ def test_gin_model_files_build_models_of_the_published_sizes(name):
                "minilm_l6": 22.7e6}  # encoder sizes of T5 v1.1 / mT5 / all-MiniLM-L6-v2 (+ the 128-d head)
   if name in published:
     assert abs(n - published[name]) / published[name] < 0.03, n
+
+
+def test_unscored_special_tokens_are_attended_but_never_scored(bert_vocab, tmp_path):
+  """score_special_tokens=False: [CLS]/[SEP] stay encoder context (other tokens' embeddings are unchanged) but are
+  zeroed and masked out of the encode outputs and the loss inputs; the setting round-trips and enters the identity."""
+  cfg = network.BertEncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64)
+  kw = dict(encoder_config=cfg, token_dim=16, query_max_len=12, doc_max_len=24, vocab_path=bert_vocab)
+  scored_model = models.XTRModel(**kw)
+  model = models.XTRModel(**kw, score_special_tokens=False)
+  assert model.tokenizer.special_ids == (model.tokenizer.cls_id, model.tokenizer.sep_id)
+  params = models.unbox_params(model.init(jax.random.key(5)))
+  scored, unscored = models.PretrainedXTR(scored_model, params), models.PretrainedXTR(model, params)
+  emb_all, mask_all = scored.encode_queries(TEXTS, batch_size=8)
+  emb, mask = unscored.encode_queries(TEXTS, batch_size=8)
+  ids, _ = model.tokenize_queries(TEXTS)
+  special = (ids == model.tokenizer.cls_id) | (ids == model.tokenizer.sep_id)
+  assert special[0].sum() == 2 and special[4].sum() == 2  # the truncated query keeps its [SEP]
+  np.testing.assert_array_equal(mask, mask_all & ~special)
+  np.testing.assert_array_equal(emb[~mask], 0.0)
+  np.testing.assert_allclose(emb[mask], emb_all[mask], atol=1e-6)
+  np.testing.assert_array_equal(model.scoring_mask(ids, mask_all), mask)  # NumPy path ...
+  np.testing.assert_array_equal(np.asarray(jax.jit(model.scoring_mask)(ids, mask_all)), mask)  # ... and traced
+
+  q_ids, q_mask = model.tokenize_queries(["first query", "second query"])
+  d_ids, d_mask = model.tokenize_documents(["doc a pos", "doc a neg", "doc b pos", "doc b neg"])
+  batch = {"query_tokens": q_ids, "query_mask": q_mask, "doc_tokens": d_ids.reshape(2, 2, 24),
+           "doc_mask": d_mask.reshape(2, 2, 24)}
+  seen = {}
+
+  def recording_loss(q, qm, p, dm, labels):
+    seen.update(q=q, qm=qm, p=p, dm=dm)
+    return jnp.sum(q) + jnp.sum(p), {}
+
+  model._loss = recording_loss  # pylint: disable=protected-access
+  model.loss_fn(params, batch, None)
+  d_special = np.isin(d_ids, model.tokenizer.special_ids)
+  np.testing.assert_array_equal(np.asarray(seen["qm"]), q_mask & ~np.isin(q_ids, model.tokenizer.special_ids))
+  np.testing.assert_array_equal(np.asarray(seen["dm"]), d_mask & ~d_special)
+  p_ref = np.asarray(model.encode(params, d_ids, d_mask))
+  np.testing.assert_array_equal(np.asarray(seen["p"])[d_special], 0.0)
+  np.testing.assert_allclose(np.asarray(seen["p"])[~d_special], p_ref[~d_special], atol=1e-6)
+
+  assert "score_special_tokens" not in scored.identity()
+  assert unscored.identity()["score_special_tokens"] is False
+  out = unscored.save(str(tmp_path / "unscored"))
+  loaded = models.load_pretrained(out)
+  assert loaded.model.score_special_tokens is False and loaded.identity() == unscored.identity()
+  np.testing.assert_array_equal(loaded.encode_queries(TEXTS, batch_size=8)[1], mask)
+  assert models.load_pretrained(out, score_special_tokens=True).identity() == scored.identity()
+  # A model dir saved before the option existed loads with the default (scored).
+  with open(os.path.join(out, models.CONFIG_FILE)) as f:
+    cfg_json = json.load(f)
+  del cfg_json["score_special_tokens"]
+  with open(os.path.join(out, models.CONFIG_FILE), "w") as f:
+    json.dump(cfg_json, f)
+  assert models.load_pretrained(out).model.score_special_tokens is True
+  with pytest.raises(ValueError, match="needs vocab_path"):
+    models.XTRModel(**dict(kw, vocab_path=None), score_special_tokens=False)
+  with pytest.raises(TypeError, match="must be a bool"):
+    models.XTRModel(**kw, score_special_tokens="no")
+
+
+def test_t5_special_token_is_eos(pretrained):
+  assert pretrained.model.tokenizer.special_ids == (pretrained.model.tokenizer.eos_id,)

@@ -388,7 +388,8 @@ def load_hf_dir(directory: str, *, overrides: Mapping[str, Any] | None = None, v
     raise FileNotFoundError(f"{directory}: neither {models.CONFIG_FILE} (xtr_jax) nor config.json (Hugging Face)")
   hf = models._read_json(cfg_path)  # pylint: disable=protected-access
   overrides = dict(overrides or {})
-  model_kw = {k: overrides.pop(k) for k in ("query_max_len", "doc_max_len", "token_dim") if k in overrides}
+  model_kw = {k: overrides.pop(k) for k in ("query_max_len", "doc_max_len", "token_dim", "score_special_tokens")
+              if k in overrides}
   kind = "bert" if hf.get("model_type") == "bert" else "t5"
   config = (bert_config_from_hf if kind == "bert" else t5_config_from_hf)(hf, source=cfg_path, **overrides)
   head = read_dense_head(directory)

@@ -546,7 +546,8 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
              drop_self_hits: bool = False, bm25: bool = True, index_root: str | None = None,
              index_backend: str = "scann", rebuild_index: bool = False, export_dtype: str = "float16",
              query_batch_size: int = 32, doc_batch_size: int = 32, query_max_len: int | None = None,
-             doc_max_len: int | None = None, max_queries: int | None = None) -> dict[str, Any]:
+             doc_max_len: int | None = None, max_queries: int | None = None,
+             score_special_tokens: bool | None = None) -> dict[str, Any]:
   """Evaluates `model` on one or more BEIR datasets; returns {"datasets": [...], "summary": [...]}.
 
   Args:
@@ -567,6 +568,8 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
     index_backend: "scann" (paper setting) or "bruteforce"; ScaNN parameters come from gin `xtr_build_index.*`.
     rebuild_index: re-export an index that belongs to another model / corpus instead of refusing it.
     max_queries: evaluate only the first N judged queries (smoke runs).
+    score_special_tokens: override the model's setting (None = as saved; see `models.XTRModel`), e.g. False to
+      evaluate an untrained model the way a model trained without scoring special tokens is evaluated.
   """
   modes = _as_list(scoring)
   for m in modes:
@@ -589,7 +592,8 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
   index_root = index_root or os.path.join(output_dir, INDEX_DIRNAME)
 
   gin_utils.write_operative_config(output_dir)
-  encoder = models.load_pretrained(model, query_max_len=query_max_len, doc_max_len=doc_max_len)
+  encoder = models.load_pretrained(model, query_max_len=query_max_len, doc_max_len=doc_max_len,
+                                   score_special_tokens=score_special_tokens)
   datasets, summary = [], []
   for root, name in zip(roots, names):
     res = evaluate_dataset(

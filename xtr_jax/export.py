@@ -162,6 +162,8 @@ def _iter_docs(corpus: str, max_docs: int | None) -> Iterator[tuple[str, str]]:
 
 def _encode_shard(encoder, texts: list[str], batch_size: int, dtype: np.dtype, progress) -> tuple:
   ids, mask = encoder.model.tokenize_documents(texts)
+  # The stored tokens are the scored ones (without special tokens when the model leaves them out).
+  mask = encoder.model.scoring_mask(ids, mask)
   lengths = mask.sum(axis=1).astype(np.int32)
   # Length-sorted batches: the encoder pads each batch only to its longest document.
   order = np.argsort(-lengths, kind="stable")
@@ -172,11 +174,11 @@ def _encode_shard(encoder, texts: list[str], batch_size: int, dtype: np.dtype, p
     if not np.array_equal(emb_mask, mask[rows]):
       raise RuntimeError("encoder.encode_documents tokenized differently from model.tokenize_documents")
     for j, r in enumerate(rows):
-      per_doc[r] = emb[j, :lengths[r]].astype(dtype)
+      per_doc[r] = emb[j][mask[r]].astype(dtype)
     progress(len(rows), int(lengths[rows].sum()))
   dim = encoder.model.output_dim
   embeddings = np.concatenate(per_doc) if per_doc else np.zeros((0, dim), dtype)
-  token_ids = np.concatenate([ids[r, :lengths[r]] for r in range(len(texts))]).astype(np.int32)
+  token_ids = np.concatenate([ids[r][mask[r]] for r in range(len(texts))]).astype(np.int32)
   return embeddings.reshape(-1, dim), token_ids, lengths
 
 

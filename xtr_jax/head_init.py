@@ -97,7 +97,7 @@ class PrincipalHeadInit:
   def moments(self, tr: Any, params: Any, local_batches: list[Mapping[str, np.ndarray]]
               ) -> tuple[np.ndarray, np.ndarray, int]:
     """(sum of x x^T float64 [d_model, d_model], sum of x float64 [d_model], number of tokens) over the unit-norm
-    backbone states x of every valid query and document token of the global batches. Runs jitted on `tr`'s mesh
+    backbone states x of every scored query and document token of the global batches. Runs jitted on `tr`'s mesh
     (a `trainer.Trainer`)."""
     model = tr.model
     backbone = network.XTREncoder(model.encoder_config, token_dim=0)
@@ -109,8 +109,9 @@ class PrincipalHeadInit:
       d_mask = batch["doc_mask"].reshape(b * g, ld)
       p = backbone.apply({"params": {"encoder": encoder_params}}, batch["doc_tokens"].reshape(b * g, ld), d_mask,
                          deterministic=True)
-      gq, sq, nq = _masked_moments(q, batch["query_mask"].astype(bool))
-      gp, sp, npt = _masked_moments(p, d_mask.astype(bool))
+      # Only the tokens the head will score (model.scoring_mask drops special tokens when they are not scored).
+      gq, sq, nq = _masked_moments(q, model.scoring_mask(batch["query_tokens"], batch["query_mask"]))
+      gp, sp, npt = _masked_moments(p, model.scoring_mask(batch["doc_tokens"].reshape(b * g, ld), d_mask))
       return gq + gp, sq + sp, nq + npt
 
     encoder_params = params["encoder"]

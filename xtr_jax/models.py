@@ -8,6 +8,10 @@ Texts are lowercased (official XTR preprocessing); documents are expected as "ti
 truncated to the max length (query 32, document 512 by default) keeping the closing special token. Empty or
 whitespace-only texts encode to zero valid tokens (all-false mask, all-zero embeddings), never NaN.
 
+`score_special_tokens=False` keeps the tokenizer's added tokens (BERT [CLS]/[SEP], T5 EOS) as encoder context but
+leaves them out of everything that scores: their embeddings are zeroed and masked out of the returned masks, the
+training loss, the export and so the index. The default (True) is the official XTR behaviour.
+
 xtr_jax model dir (written by `PretrainedXTR.save`): `xtr_jax_config.json` (encoder kind + config, token_dim, max
 lengths, file names), `params.safetensors` (parameters keyed by their "/"-joined Flax path), and the vocab file.
 """
@@ -56,10 +60,13 @@ class XTRModel:
       backbone's last hidden states, padding zeroed, L2-normalized).
     output_dim: the embedding size: token_dim, or d_model without a head.
     loss: callable (q, q_mask, p, d_mask, labels) -> (loss, metrics); defaults to `losses.xtr_loss` (gin-configured).
+    score_special_tokens: False = the tokenizer's special tokens are attended to but never scored (see
+      `scoring_mask`); needs `vocab_path`.
   """
 
   def __init__(self, *, encoder_config: network.EncoderConfig, token_dim: int = 128, query_max_len: int = 32,
-               doc_max_len: int = 512, vocab_path: str | None = None, loss: Callable[..., Any] | None = None):
+               doc_max_len: int = 512, vocab_path: str | None = None, loss: Callable[..., Any] | None = None,
+               score_special_tokens: bool = True):
     network.encoder_kind(encoder_config)  # type check
     if int(token_dim) < 0:
       raise ValueError(f"XTRModel.token_dim must be >= 0 (0 = no projection head), got {token_dim}")
@@ -76,6 +83,11 @@ class XTRModel:
     self.query_max_len = int(query_max_len)
     self.doc_max_len = int(doc_max_len)
     self.vocab_path = vocab_path
+    if not isinstance(score_special_tokens, (bool, np.bool_)):
+      raise TypeError(f"XTRModel.score_special_tokens must be a bool, got {score_special_tokens!r}")
+    self.score_special_tokens = bool(score_special_tokens)
+    if not self.score_special_tokens and not vocab_path:
+      raise ValueError("XTRModel.score_special_tokens=False needs vocab_path (the special ids come from the tokenizer)")
     self._loss = loss
     self._tokenizer = None
     self.module = network.XTREncoder(encoder_config, token_dim=self.token_dim)
@@ -141,11 +153,23 @@ class XTRModel:
     if not deterministic:
       q_rng, d_rng = jax.random.split(dropout_rng)
     q = self.encode(params, q_tok, q_mask, deterministic=deterministic, dropout_rng=q_rng)
-    d_mask_flat = d_mask.reshape(b * g, ld)
-    p = self.encode(params, d_tok.reshape(b * g, ld), d_mask_flat, deterministic=deterministic, dropout_rng=d_rng)
+    d_tok_flat, d_mask_flat = d_tok.reshape(b * g, ld), d_mask.reshape(b * g, ld)
+    p = self.encode(params, d_tok_flat, d_mask_flat, deterministic=deterministic, dropout_rng=d_rng)
+    q_score, d_score = self.scoring_mask(q_tok, q_mask), self.scoring_mask(d_tok_flat, d_mask_flat)
+    q, p = q * q_score[..., None], p * d_score[..., None]
     labels = jnp.arange(b, dtype=jnp.int32) * g
-    loss, metrics = self.loss(q, q_mask.astype(bool), p, d_mask_flat.astype(bool), labels)
+    loss, metrics = self.loss(q, q_score, p, d_score, labels)
     return loss, dict(metrics)
+
+  def scoring_mask(self, token_ids: Any, mask: Any) -> Any:
+    """The tokens that are scored, bool [..., L]: `mask` (bool [..., L]) without the tokenizer's special tokens when
+    score_special_tokens=False, else `mask` itself. token_ids int [..., L]. NumPy in -> NumPy out, else JAX."""
+    if self.score_special_tokens:
+      return mask.astype(bool)
+    special = np.asarray(self.tokenizer.special_ids, np.int32)
+    if isinstance(token_ids, np.ndarray) and isinstance(mask, np.ndarray):
+      return mask.astype(bool) & ~np.isin(token_ids, special)
+    return mask.astype(bool) & ~jnp.isin(token_ids, jnp.asarray(special))
 
   # ------------------------------------------------------------------------------------------------ tokenization
 
@@ -182,7 +206,8 @@ class XTRModel:
   def config_dict(self) -> dict[str, Any]:
     return {"encoder_kind": network.encoder_kind(self.encoder_config),
             "encoder_config": self.encoder_config.to_dict(), "token_dim": self.token_dim,
-            "query_max_len": self.query_max_len, "doc_max_len": self.doc_max_len}
+            "query_max_len": self.query_max_len, "doc_max_len": self.doc_max_len,
+            "score_special_tokens": self.score_special_tokens}
 
 
 # -------------------------------------------------------------------------------------------------- parameters io
@@ -293,15 +318,25 @@ class PretrainedXTR:
       out[start:start + len(b_ids), :cols] = emb[:len(b_ids)]
     return out
 
+  def _encode_scored(self, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    emb = self._run(ids, mask, batch_size)
+    if self.model.score_special_tokens:
+      return emb, mask
+    scored = self.model.scoring_mask(ids, mask)
+    emb[~scored] = 0.0
+    return emb, scored
+
   def encode_queries(self, texts: Sequence[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(np.float32 [N, query_max_len, output_dim], np.bool_ [N, query_max_len]) of raw query strings."""
+    """(np.float32 [N, query_max_len, output_dim], np.bool_ [N, query_max_len]) of raw query strings; the mask is
+    `model.scoring_mask` of the tokenization (special tokens off when score_special_tokens=False)."""
     ids, mask = self.model.tokenize_queries(texts)
-    return self._run(ids, mask, batch_size), mask
+    return self._encode_scored(ids, mask, batch_size)
 
   def encode_documents(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(np.float32 [N, doc_max_len, output_dim], np.bool_ [N, doc_max_len]) of "title text" strings."""
+    """(np.float32 [N, doc_max_len, output_dim], np.bool_ [N, doc_max_len]) of "title text" strings; mask as in
+    `encode_queries`."""
     ids, mask = self.model.tokenize_documents(texts)
-    return self._run(ids, mask, batch_size), mask
+    return self._encode_scored(ids, mask, batch_size)
 
   def fingerprint(self) -> str:
     if self._fingerprint is None:
@@ -309,10 +344,15 @@ class PretrainedXTR:
     return self._fingerprint
 
   def identity(self) -> dict[str, Any]:
-    """What an index built with this model depends on: params fingerprint, vocab identity, dims and max lengths."""
-    return {"model_sha256": self.fingerprint(), "encoder_kind": network.encoder_kind(self.model.encoder_config),
-            "vocab": self.tokenizer.identity(), "token_dim": self.model.token_dim,
-            "query_max_len": self.model.query_max_len, "doc_max_len": self.model.doc_max_len}
+    """What an index built with this model depends on: params fingerprint, vocab identity, dims and max lengths, and
+    "score_special_tokens": False when special tokens are left out (absent = scored, so exports and indexes written
+    before the option existed still match the default)."""
+    identity = {"model_sha256": self.fingerprint(), "encoder_kind": network.encoder_kind(self.model.encoder_config),
+                "vocab": self.tokenizer.identity(), "token_dim": self.model.token_dim,
+                "query_max_len": self.model.query_max_len, "doc_max_len": self.model.doc_max_len}
+    if not self.model.score_special_tokens:
+      identity["score_special_tokens"] = False
+    return identity
 
   def save(self, directory: str) -> str:
     """Writes the xtr_jax model dir (config json, params safetensors, vocab copy); returns `directory`."""
@@ -363,6 +403,7 @@ def load_xtr_jax_dir(path: str, *, overrides: Mapping[str, Any] | None = None,
                      f"got {cfg.get('format_version')!r}")
   enc_values = dict(cfg["encoder_config"])
   model_kw = {k: cfg[k] for k in ("token_dim", "query_max_len", "doc_max_len")}
+  model_kw["score_special_tokens"] = cfg.get("score_special_tokens", True)  # absent in dirs saved before the option
   for key, value in (overrides or {}).items():
     if key in model_kw:
       model_kw[key] = value
@@ -395,21 +436,24 @@ def _restack_for(model: XTRModel, params: dict[str, Any]) -> dict[str, Any]:
 def load_pretrained(path: str, *, query_max_len: int | None = None, doc_max_len: int | None = None,
                     token_dim: int | None = None, dtype: str | None = None, param_dtype: str | None = None,
                     scan_layers: bool | None = None, remat: bool | None = None, vocab_path: str | None = None,
-                    allow_partial: bool = False, seed: int = 0, mesh: Mesh | None = None) -> PretrainedXTR:
+                    allow_partial: bool = False, seed: int = 0, mesh: Mesh | None = None,
+                    score_special_tokens: bool | None = None) -> PretrainedXTR:
   """Loads an XTR model from
     * an xtr_jax model dir (`xtr_jax_config.json`),
     * a Hugging Face XTR dir (google/xtr-base-en layout: T5 `config.json` + weights + `spiece.model` + `2_Dense/`),
     * a plain HF T5 (`T5EncoderModel` / `T5ForConditionalGeneration`) or BERT dir: the token head starts at a seeded
       random init (logged), ready for fine-tuning.
   Keyword overrides change max lengths, dtypes, scan/remat, token_dim (0 = no projection head: L2-normalized backbone
-  hidden states, e.g. an untrained sentence encoder used as a multi-vector baseline); `allow_partial` keeps missing
+  hidden states, e.g. an untrained sentence encoder used as a multi-vector baseline), score_special_tokens (see
+  `XTRModel`; None = as saved, True for HF dirs); `allow_partial` keeps missing
   tensors at init (listed in the log) instead of raising. Returns a `PretrainedXTR`.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model dir {path!r} does not exist")
   overrides = {k: v for k, v in (("query_max_len", query_max_len), ("doc_max_len", doc_max_len),
                                  ("token_dim", token_dim), ("dtype", dtype), ("param_dtype", param_dtype),
-                                 ("scan_layers", scan_layers), ("remat", remat)) if v is not None}
+                                 ("scan_layers", scan_layers), ("remat", remat),
+                                 ("score_special_tokens", score_special_tokens)) if v is not None}
   if os.path.isfile(os.path.join(path, CONFIG_FILE)):
     if vocab_path is not None or allow_partial:
       logging.info("vocab_path / allow_partial are ignored for xtr_jax model dirs")

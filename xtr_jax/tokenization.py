@@ -41,6 +41,9 @@ class Tokenizer(Protocol):
 
   def identity(self) -> dict[str, str]: ...
 
+  @property
+  def special_ids(self) -> tuple[int, ...]: ...
+
 
 class _BaseTokenizer(abc.ABC):
   pad_id = 0
@@ -98,6 +101,11 @@ class SentencePieceTokenizer(_BaseTokenizer):
       return toks
     return toks[:max_len - 1] + [self.eos_id] if self.add_eos else toks[:max_len]
 
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    """Ids `tokenize` adds around the pieces (EOS)."""
+    return (self.eos_id,) if self.add_eos else ()
+
   def decode_piece(self, token_id: int) -> str:
     return self._sp.IdToPiece(int(token_id))
 
@@ -136,6 +144,11 @@ class WordPieceTokenizer(_BaseTokenizer):
     if max_len < 2:
       return toks[:max_len]
     return toks[:max_len - 1] + [self.sep_id]
+
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    """Ids `tokenize` adds around the pieces ([CLS], [SEP])."""
+    return (self.cls_id, self.sep_id)
 
   def decode_piece(self, token_id: int) -> str:
     return self._tok.id_to_token(int(token_id))
