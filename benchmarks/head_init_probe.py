@@ -57,6 +57,35 @@ def main() -> None:
       print(f"{head:<12}{loss_name:<8}{statistics.mean(float(m['loss']) for m in ms):>12.4f}"
             f"{statistics.mean(float(m['accuracy']) for m in ms):>10.4f}", flush=True)
 
+  special_share(model, state.params, batches, int(gin.query_parameter("xtr_loss.k_train")))
+
+
+def special_share(model, params, batches, k_train: int) -> None:
+  """How much of the XTR top-k_train (per query token, over the global batch's document tokens) the tokenizer's
+  special tokens take, vs their share of the document tokens: why `XTRModel.score_special_tokens` matters."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  special_ids = np.asarray(model.tokenizer.special_ids)
+  taken, share = [], []
+  for b in batches:
+    b = jax.device_get(b)
+    bsz, g, ld = b["doc_tokens"].shape
+    d_tok, d_mask = b["doc_tokens"].reshape(bsz * g, ld), b["doc_mask"].reshape(bsz * g, ld)
+    q = model.encode(params, b["query_tokens"], b["query_mask"])
+    p = model.encode(params, d_tok, d_mask)
+    scored = model.scoring_mask(d_tok, d_mask).reshape(-1)
+    sims = jnp.einsum("qnd,td->qnt", q, p.reshape(-1, p.shape[-1]))
+    sims = jnp.where(jnp.asarray(scored)[None, None], sims, -jnp.inf)
+    top = np.asarray(jax.lax.top_k(sims, k_train)[1])[np.asarray(model.scoring_mask(b["query_tokens"],
+                                                                                     b["query_mask"]))]
+    is_special = np.isin(d_tok.reshape(-1), special_ids)
+    taken.append(is_special[top].mean())
+    share.append(is_special[scored].mean())
+  print(f"special tokens: {100 * np.mean(share):.1f}% of the scored document tokens, {100 * np.mean(taken):.1f}% of "
+        f"the top-{k_train} selections (random head, score_special_tokens={model.score_special_tokens})")
+
 
 if __name__ == "__main__":
   main()

@@ -11,6 +11,10 @@ Encoder and cache as benchmarks/retrieval_bench.py (MiniLM token states + the fi
 The tree keeps the notebook's ratio: num_leaves = min(2000, T / 400) with 1/20 of them searched. Code bytes are
 the packed codes (lut16: two per byte as xtr_jax saves them; lut256: one byte each); on disk add ~2 bytes/token of
 leaf id and the shared centers. Search timings are one thread, batched over all query tokens, shared machine.
+
+A setting `lut16:1+2x8` mixes block sizes with ScaNN's VARIABLE_CHUNK projection: 8 blocks of 2 dims, the other 112
+dims 1 per block (120 codes = 60 bytes): does spending fewer bits on a few dimensions keep recall >= 0.9?
+`--leaf_fractions 20,10` also searches 1/10 of the leaves (the notebook searches 100 of 2000 = 1/20).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ def main() -> None:
   ap.add_argument("--max_docs", type=int, default=1250, help="first N documents (None-equivalent: 0 = all)")
   ap.add_argument("--num_queries", type=int, default=60)
   ap.add_argument("--k_primes", default="100,1000")
-  ap.add_argument("--settings", default=",".join(f"{h}:{d}" for h, d in SETTINGS), help="hash_type:dims_per_block,...")
+  ap.add_argument("--settings", default=",".join(f"{h}:{d}" for h, d in SETTINGS),
+                  help="hash_type:dims_per_block[+2xN],... (+2xN: N of the blocks hold 2 dims)")
+  ap.add_argument("--leaf_fractions", default="20", help="search 1/F of the leaves, for each F")
   args = ap.parse_args()
   import scann  # pylint: disable=g-import-not-at-top
 
@@ -49,31 +55,48 @@ def main() -> None:
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   exact = np.argsort(-(qv @ x.T), axis=1, kind="stable")[:, :max(ks)]
   leaves = max(1, min(2000, len(x) // 400))
+  fractions = [int(f) for f in args.leaf_fractions.split(",")]
   print(f"{len(arrays['doc_ids'])} docs, {len(x)} tokens, {len(qv)} query tokens; {leaves} leaves, "
-        f"{max(1, leaves // 20)} searched; one core", flush=True)
+        f"1/{', 1/'.join(map(str, fractions))} of them searched; one core", flush=True)
   rows = []
   for spec in args.settings.split(","):
     hash_type, dpb = spec.split(":")
-    dpb = int(dpb)
+    dpb, _, pairs = dpb.partition("+2x")
+    dpb, pairs = int(dpb), int(pairs or 0)
     t0 = time.perf_counter()
-    searcher = scann.scann_ops_pybind.builder(x, max(ks), "dot_product").tree(
+    builder = scann.scann_ops_pybind.builder(x, max(ks), "dot_product").tree(
         num_leaves=leaves, num_leaves_to_search=max(1, leaves // 20),
         training_sample_size=min(250000, len(x))).score_ah(
-            dpb, anisotropic_quantization_threshold=0.1, hash_type=hash_type).build()
+            dpb, anisotropic_quantization_threshold=0.1, hash_type=hash_type)
+    config = builder.create_config()
+    blocks = -(-x.shape[1] // dpb)
+    if pairs:
+      if dpb != 1:
+        raise ValueError(f"{spec}: +2xN mixes 2-dim blocks into 1-dim ones only")
+      chunk = f"projection_type: CHUNK\n        num_blocks: {x.shape[1]}\n        num_dims_per_block: 1"
+      if chunk not in config:
+        raise RuntimeError(f"ScaNN's generated config changed; cannot find its projection block:\n{config}")
+      config = config.replace(chunk, "projection_type: VARIABLE_CHUNK\n"
+                              f"variable_blocks {{ num_blocks: {x.shape[1] - 2 * pairs} num_dims_per_block: 1 }}\n"
+                              f"variable_blocks {{ num_blocks: {pairs} num_dims_per_block: 2 }}")
+      blocks = x.shape[1] - pairs
+    searcher = scann.scann_ops_pybind.create_searcher(x, config)
     build_s = time.perf_counter() - t0
     searcher.set_num_threads(1)
-    blocks = -(-x.shape[1] // dpb)
     code_bytes = -(-blocks // 2) if hash_type == "lut16" else blocks
-    row = [f"{hash_type} dims/block={dpb}", f"{code_bytes}", f"{8 * code_bytes / x.shape[1]:.2f}", f"{build_s:.0f}"]
-    for k in ks:
-      t0 = time.perf_counter()
-      ids, _ = searcher.search_batched(qv, final_num_neighbors=k)
-      ms = 1e3 * (time.perf_counter() - t0) / len(qv)
-      recall = np.mean([len(np.intersect1d(a, e[:k])) / k for a, e in zip(np.asarray(ids), exact)])
-      row += [f"{recall:.3f}", f"{ms:.2f}"]
-    rows.append(row)
-    print("  ".join(row), flush=True)
-  header = ["setting", "code B/token", "bits/dim", "build s"] + [c for k in ks for c in (f"recall@{k}", f"ms/tok@{k}")]
+    for fraction in fractions:
+      row = [f"{hash_type} dims/block={dpb}" + (f" + {pairs} of 2" if pairs else ""), f"1/{fraction}",
+             f"{code_bytes}", f"{8 * code_bytes / x.shape[1]:.2f}", f"{build_s:.0f}"]
+      for k in ks:
+        t0 = time.perf_counter()
+        ids, _ = searcher.search_batched(qv, final_num_neighbors=k, leaves_to_search=max(1, leaves // fraction))
+        ms = 1e3 * (time.perf_counter() - t0) / len(qv)
+        recall = np.mean([len(np.intersect1d(a, e[:k])) / k for a, e in zip(np.asarray(ids), exact)])
+        row += [f"{recall:.3f}", f"{ms:.2f}"]
+      rows.append(row)
+      print("  ".join(row), flush=True)
+  header = ["setting", "leaves", "code B/token", "bits/dim", "build s"] + [
+      c for k in ks for c in (f"recall@{k}", f"ms/tok@{k}")]
   print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   for r in rows:
     print("| " + " | ".join(r) + " |")
