@@ -13,9 +13,9 @@ import pytest
 from xtr_jax import head_init, losses, models, network, partitioning, train, trainer
 
 
-def _model(token_dim: int = 16, **kw):
-  enc = network.T5EncoderConfig(vocab_size=32128 if kw else 128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                num_heads=4, dropout_rate=0.0)
+def _model(token_dim: int = 16, vocab_size: int = 128, **kw):
+  enc = network.T5EncoderConfig(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                dropout_rate=0.0)
   return models.XTRModel(encoder_config=enc, token_dim=token_dim, query_max_len=8, doc_max_len=16,
                          loss=functools.partial(losses.xtr_loss, k_train=8), **kw)
 
@@ -109,7 +109,8 @@ def test_principal_directions_bad_input(gram, dim, message):
 @pytest.mark.parametrize("center,unscored_eos", [(False, False), (True, False), (False, True)])
 def test_head_is_top_eigenvectors_of_backbone_states_and_input_is_rewound(center, unscored_eos, t5_vocab):
   # unscored_eos: a model that does not score special tokens takes its head from the scored tokens only.
-  model = _model(vocab_path=t5_vocab, score_special_tokens=False) if unscored_eos else _model()
+  model = (_model(vocab_size=32128, vocab_path=t5_vocab, score_special_tokens=False) if unscored_eos
+           else _model())
   tr = _trainer(model)
   state = tr.init_state(jax.random.PRNGKey(0))
   data = Batches()

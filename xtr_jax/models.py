@@ -156,7 +156,8 @@ class XTRModel:
     d_tok_flat, d_mask_flat = d_tok.reshape(b * g, ld), d_mask.reshape(b * g, ld)
     p = self.encode(params, d_tok_flat, d_mask_flat, deterministic=deterministic, dropout_rng=d_rng)
     q_score, d_score = self.scoring_mask(q_tok, q_mask), self.scoring_mask(d_tok_flat, d_mask_flat)
-    q, p = q * q_score[..., None], p * d_score[..., None]
+    if not self.score_special_tokens:  # encode already zeroes padding; only unscored special tokens remain
+      q, p = q * q_score[..., None], p * d_score[..., None]
     labels = jnp.arange(b, dtype=jnp.int32) * g
     loss, metrics = self.loss(q, q_score, p, d_score, labels)
     return loss, dict(metrics)
