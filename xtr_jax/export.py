@@ -122,6 +122,9 @@ def write_shard(directory: str, index: int, *, doc_start: int, doc_ids: list[str
 # Document token embeddings do not depend on how long queries may be, so an export is shared by encoders that
 # differ only in these identity keys.
 QUERY_ONLY_KEYS = ("query_max_len",)
+# Identity keys a model records only when they differ from these defaults (PretrainedXTR.identity), so exports and
+# indexes written before a key existed still match a model at its default; absent means the default.
+IDENTITY_DEFAULTS = {"score_special_tokens": True}
 
 
 def document_identity(identity: dict[str, Any]) -> dict[str, Any]:

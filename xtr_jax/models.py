@@ -346,8 +346,8 @@ class PretrainedXTR:
 
   def identity(self) -> dict[str, Any]:
     """What an index built with this model depends on: params fingerprint, vocab identity, dims and max lengths, and
-    "score_special_tokens": False when special tokens are left out (absent = scored, so exports and indexes written
-    before the option existed still match the default)."""
+    "score_special_tokens": False when special tokens are left out (absent = the default in
+    `export.IDENTITY_DEFAULTS`, so exports and indexes written before the option existed still match it)."""
     identity = {"model_sha256": self.fingerprint(), "encoder_kind": network.encoder_kind(self.model.encoder_config),
                 "vocab": self.tokenizer.identity(), "token_dim": self.model.token_dim,
                 "query_max_len": self.model.query_max_len, "doc_max_len": self.model.doc_max_len}

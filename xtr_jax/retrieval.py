@@ -201,8 +201,8 @@ def _check_identity(model_identity: dict[str, Any], stored: dict[str, Any], what
     if stored[key] != want:
       raise ValueError(f"{what} was built with {key}={stored[key]!r}, but the query model has {key}={want!r}: "
                        "re-export the corpus with this model")
-  # Recorded only when False (see PretrainedXTR.identity): absent on either side means scored.
-  want, got = (x.get("score_special_tokens", True) for x in (model_identity, stored))
-  if want != got:
-    raise ValueError(f"{what} was built with score_special_tokens={got}, but the query model has "
-                     f"score_special_tokens={want}: re-export the corpus with this model")
+  for key, default in export.IDENTITY_DEFAULTS.items():
+    want, got = model_identity.get(key, default), stored.get(key, default)
+    if want != got:
+      raise ValueError(f"{what} was built with {key}={got!r}, but the query model has {key}={want!r}: "
+                       "re-export the corpus with this model")
