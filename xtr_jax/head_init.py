@@ -64,7 +64,8 @@ def principal_directions(gram: np.ndarray, token_dim: int) -> tuple[np.ndarray, 
 
 def _masked_moments(states: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   x = jnp.where(mask[..., None], states, 0.0).reshape(-1, states.shape[-1])
-  return x.T @ x, x.sum(axis=0), jnp.sum(mask, dtype=jnp.float32)
+  second = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)  # float32 sums on GPU/TPU too
+  return second, x.sum(axis=0), jnp.sum(mask, dtype=jnp.float32)
 
 
 @gin.configurable

@@ -121,7 +121,8 @@ def _bruteforce_topk(q, chunks, valid_per_chunk, *, k: int):
   def step(carry, xs):
     best_s, best_i = carry
     chunk, n_valid, c = xs
-    s = q @ chunk.astype(jnp.float32).T  # [N, S]
+    # Exact search is the ground truth: true float32 products on every backend (not TF32 / one bfloat16 pass).
+    s = jnp.matmul(q, chunk.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)  # [N, S]
     s = jnp.where(jnp.arange(chunk_size)[None, :] < n_valid, s, -jnp.inf)
     cs, ci = jax.lax.top_k(s, kc)
     cand_s = jnp.concatenate([best_s, cs], axis=1)

@@ -159,7 +159,8 @@ class XTRModel:
     if not self.score_special_tokens:  # encode already zeroes padding; only unscored special tokens remain
       q, p = q * q_score[..., None], p * d_score[..., None]
     labels = jnp.arange(b, dtype=jnp.int32) * g
-    loss, metrics = self.loss(q, q_score, p, d_score, labels)
+    with jax.default_matmul_precision(self.encoder_config.matmul_precision):  # the in-batch similarities too
+      loss, metrics = self.loss(q, q_score, p, d_score, labels)
     return loss, dict(metrics)
 
   def scoring_mask(self, token_ids: Any, mask: Any) -> Any:

@@ -41,6 +41,18 @@ def _dtype(name: str) -> Any:
   return _DTYPES[name]
 
 
+# Precision of float32 matrix products on GPU/TPU (jax.default_matmul_precision names). "highest" keeps float32
+# compute float32 there (XLA's default lowers it to TF32 on Ampere/Hopper and one bfloat16 pass on TPU: ~1e-3
+# relative error per product, compounding over layers); "default" trades that for speed. CPU is exact either way,
+# and bfloat16 compute is bfloat16 either way.
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def _check_precision(owner: str, value: str) -> None:
+  if value not in MATMUL_PRECISIONS:
+    raise ValueError(f"{owner}.matmul_precision={value!r} is not supported; expected one of {list(MATMUL_PRECISIONS)}")
+
+
 def _gelu_tanh(x: Array) -> Array:
   # HF "gelu_new": the tanh approximation used by T5 v1.1 / mT5 ("gated-gelu").
   return jax.nn.gelu(x, approximate=True)
@@ -83,7 +95,8 @@ class T5EncoderConfig:
   """Hyper-parameters of a T5 encoder (names as in HF `T5Config`).
 
   `dtype` is the compute dtype (activations, matmuls); `param_dtype` the storage dtype of parameters. Softmax and
-  layer-norm statistics are always computed in float32.
+  layer-norm statistics are always computed in float32. `matmul_precision` (MATMUL_PRECISIONS) is how float32
+  products run on GPU/TPU: "highest" (default) is true float32, "default" lets XLA use TF32 / bfloat16 passes.
   """
   vocab_size: int = 32128
   d_model: int = 768
@@ -98,6 +111,7 @@ class T5EncoderConfig:
   feed_forward_proj: str = "gated-gelu"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  matmul_precision: str = "highest"
   remat: bool = False
   scan_layers: bool = False
 
@@ -105,6 +119,7 @@ class T5EncoderConfig:
     parse_feed_forward_proj(self.feed_forward_proj)
     _dtype(self.dtype)
     _dtype(self.param_dtype)
+    _check_precision("T5EncoderConfig", self.matmul_precision)
     for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                   "relative_attention_num_buckets", "relative_attention_max_distance"):
       if int(getattr(self, field)) < 1:
@@ -123,7 +138,7 @@ class T5EncoderConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class BertEncoderConfig:
-  """Hyper-parameters of a BERT encoder (names as in HF `BertConfig`)."""
+  """Hyper-parameters of a BERT encoder (names as in HF `BertConfig`); dtype fields as in `T5EncoderConfig`."""
   vocab_size: int = 30522
   hidden_size: int = 384
   num_layers: int = 6
@@ -137,6 +152,7 @@ class BertEncoderConfig:
   hidden_act: str = "gelu"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  matmul_precision: str = "highest"
   remat: bool = False
   scan_layers: bool = False
 
@@ -146,6 +162,7 @@ class BertEncoderConfig:
                        f"expected one of {sorted(ACTIVATIONS)}")
     _dtype(self.dtype)
     _dtype(self.param_dtype)
+    _check_precision("BertEncoderConfig", self.matmul_precision)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"BertEncoderConfig.hidden_size={self.hidden_size} is not divisible by "
                        f"num_heads={self.num_heads}")
@@ -171,6 +188,21 @@ def config_from_dict(kind: str, values: dict[str, Any]) -> EncoderConfig:
   if unknown:
     raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
   return cls(**values)
+
+
+def matmul_flops_per_token(config: EncoderConfig, seq_len: int, token_dim: int = 128) -> int:
+  """Forward matmul FLOPs per token of encoder + head (2 per multiply-add) at attention length `seq_len`.
+
+  The model-FLOPs count that MFU is defined on (embeddings, norms, softmax and dropout excluded); training costs
+  3x forward. T5: q, k, v, o, [gated] MLP, logits and context; BERT likewise with biases ignored.
+  """
+  if isinstance(config, T5EncoderConfig):
+    d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+    ff_mats = 3 if parse_feed_forward_proj(config.feed_forward_proj)[1] else 2
+  else:
+    d, inner, ff, ff_mats = config.hidden_size, config.hidden_size, config.intermediate_size, 2
+  per_layer = 2 * 4 * d * inner + 2 * ff_mats * d * ff + 2 * 2 * seq_len * inner
+  return config.num_layers * per_layer + 2 * d * token_dim
 
 
 def encoder_kind(config: EncoderConfig) -> str:
@@ -546,11 +578,13 @@ class XTREncoder(nn.Module):
   @nn.compact
   def __call__(self, token_ids: Array, mask: Array, *, deterministic: bool = True) -> Array:
     cfg = self.config
-    hidden = backbone_module(cfg, name="encoder")(token_ids, mask, deterministic=deterministic)
-    if self.token_dim:
-      emb = DenseIn(self.token_dim, False, _dtype(cfg.dtype), _dtype(cfg.param_dtype), in_axis="embed",
-                    out_axis="proj", name="token_proj")(hidden)
-    else:
-      emb = hidden
+    # bfloat16 compute keeps XLA's native bfloat16 products whatever the setting (only float32 has a choice).
+    with jax.default_matmul_precision(cfg.matmul_precision if cfg.dtype == "float32" else "default"):
+      hidden = backbone_module(cfg, name="encoder")(token_ids, mask, deterministic=deterministic)
+      if self.token_dim:
+        emb = DenseIn(self.token_dim, False, _dtype(cfg.dtype), _dtype(cfg.param_dtype), in_axis="embed",
+                      out_axis="proj", name="token_proj")(hidden)
+      else:
+        emb = hidden
     emb = jnp.where(mask.astype(bool)[..., None], emb.astype(jnp.float32), 0.0)
     return l2_normalize(emb)

@@ -195,7 +195,8 @@ def _colbert_jit(q, q_mask, cand, embeddings, doc_offsets, *, max_doc_len: int, 
     length = doc_offsets[safe + 1] - start
     tok_ok = pos[None, :] < length[:, None]  # [chunk, L]
     idx = jnp.where(tok_ok, start[:, None] + pos[None, :], 0)
-    sims = jnp.einsum("cld,nd->cln", embeddings[idx].astype(jnp.float32), qv)
+    sims = jnp.einsum("cld,nd->cln", embeddings[idx].astype(jnp.float32), qv,
+                      precision=jax.lax.Precision.HIGHEST)  # full rescoring is exact on GPU/TPU too
     best = jnp.max(jnp.where(tok_ok[:, :, None], sims, -jnp.inf), axis=1)  # [chunk, n]
     return jnp.sum(jnp.where(qm[None, :], best, 0.0), axis=1) / jnp.maximum(jnp.sum(qm), 1)
 
