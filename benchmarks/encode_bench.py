@@ -212,7 +212,8 @@ def main(argv=None) -> None:
       print(f"xtr_base {dtype} on {jax.devices()[0].device_kind} vs float32 on CPU (8x{args.length}, random "
             f"weights): max|diff| {r['max_abs_diff']:.1e}, min cosine {r['min_cos']:.5f}, "
             f"padding zero: {r['padding_zero']}")
-    print(f"{'model':<14} {'batch':>9} {'ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}  (peak {args.peak_tflops:g})")
+    print(f"{'model':<14} {'batch':>9} {'ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}  "
+          f"(peak {args.peak_tflops:g})")
     for r in bench_xtr_base_bf16_gpu(args):
       print(f"{r['model']:<14} {r['batch']:>9} {r['ms']:>8.2f} {r['tok_s']:>10.0f} {r['tflops_s']:>8.1f} "
             f"{100 * r['mfu']:>5.1f}%")

@@ -1,12 +1,13 @@
-"""Benchmark of the XTR loss: simple vs sharded path, per-device memory as devices grow, and the cost relative to an
-xtr_base encoder forward+backward at the same batch.
+"""Benchmark of the XTR loss: simple vs chunked vs sharded path, per-device memory as devices grow, and the cost
+relative to an xtr_base encoder forward+backward at the same batch.
 
     python benchmarks/loss_bench.py                      # paper-like shapes, 8 simulated CPU devices
     python benchmarks/loss_bench.py --reps 1 --k 32      # quicker
+    python benchmarks/loss_bench.py --memory_only --B 320 --Bd 640 --m 256 --k 320 --devices 1,8   # paper's batch
 
 What is measured (all printed as tables):
   1. forward+backward wall time (median of --reps after one warm-up) of `jax.value_and_grad(xtr_loss)` w.r.t. the
-     query and document embeddings on a data=8 mesh, simple vs sharded, for each k_train; with the compiled
+     query and document embeddings on a data=8 mesh, each implementation, for each k_train; with the compiled
      per-device memory (`Compiled.memory_analysis()`: temp + argument + output bytes) and per-device FLOPs
      (`Compiled.cost_analysis()`).
   2. per-device compiled memory (memory_analysis, compile only) as the data axis goes 1 -> 2 -> 4 -> 8, next to the
@@ -125,7 +126,7 @@ def bench_paths(shape, ks, reps):
       results[implementation] = (loss, grads)
       rows.append(dict(k=k, path=implementation, seconds=seconds, mem=mem, flops=cost.get("flops", float("nan"))))
       diff = ""
-      if implementation == "sharded":
+      if implementation != "simple":  # max |difference| of loss and gradients from the reference path
         ref_loss, ref_grads = results["simple"]
         worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(grads, ref_grads))
         diff = f"{max(worst, abs(float(loss) - float(ref_loss))):.1e}"
@@ -137,8 +138,8 @@ def bench_paths(shape, ks, reps):
 def bench_scaling(shape, k, device_counts):
   b, n, bd, m = shape["B"], shape["n"], shape["Bd"], shape["m"]
   print(f"\n## 2. per-device compiled memory (memory_analysis temp+args+out) vs data-parallel devices, k_train={k}")
-  print(f"{'devices':>8} {'score block MiB':>15} {'simple MiB':>11} {'sharded MiB':>12} {'sharded temp':>12} "
-        f"{'simple GFLOP/dev':>16} {'sharded GFLOP/dev':>17}")
+  print(f"{'devices':>8} {'score block MiB':>15} {'simple MiB':>11} {'chunked MiB':>12} {'sharded MiB':>12} "
+        f"{'sharded temp':>12} {'simple GFLOP/dev':>16} {'sharded GFLOP/dev':>17}")
   rows = []
   for count in device_counts:
     mesh = partitioning.make_mesh(data=count, devices=jax.devices()[:count])
@@ -150,11 +151,13 @@ def bench_scaling(shape, k, device_counts):
       row[implementation + "_flops"] = _cost(compiled).get("flops", float("nan"))
     rows.append(row)
     print(f"{count:>8} {row['score_block'] / MiB:>15.1f} {row['simple']['total'] / MiB:>11.1f} "
-          f"{row['sharded']['total'] / MiB:>12.1f} {row['sharded']['temp'] / MiB:>12.1f} "
+          f"{row['chunked']['total'] / MiB:>12.1f} {row['sharded']['total'] / MiB:>12.1f} "
+          f"{row['sharded']['temp'] / MiB:>12.1f} "
           f"{row['simple_flops'] / 1e9:>16.2f} {row['sharded_flops'] / 1e9:>17.2f}", flush=True)
   base = rows[0]
   print("memory relative to 1 device (ideal 1/D): " + ", ".join(
       f"D={r['devices']}: simple {r['simple']['total'] / base['simple']['total']:.3f}, "
+      f"chunked {r['chunked']['total'] / base['chunked']['total']:.3f}, "
       f"sharded {r['sharded']['total'] / base['sharded']['total']:.3f}" for r in rows))
   return rows
 
@@ -226,6 +229,8 @@ def main():
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--devices", type=str, default="1,2,4,8")
   parser.add_argument("--skip_encoder_measure", action="store_true", help="analytic encoder FLOPs only")
+  parser.add_argument("--memory_only", action="store_true",
+                      help="only table 2 (compile, no run): for shapes too large to run here, e.g. the paper's batch")
   parser.add_argument("--encoder_query_batch", type=int, default=8)
   parser.add_argument("--encoder_doc_batch", type=int, default=2)
   args = parser.parse_args()
@@ -233,6 +238,9 @@ def main():
   ks = [int(k) for k in args.k.split(",")]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices; shapes {shape}; "
         f"k_train {ks}")
+  if args.memory_only:
+    bench_scaling(shape, max(ks), [int(x) for x in args.devices.split(",")])
+    return
   rows = bench_paths(shape, ks, args.reps)
   bench_scaling(shape, max(ks), [int(x) for x in args.devices.split(",")])
   print("\nanalytic bytes sent per device per step (fwd+bwd), data=8: " + ", ".join(

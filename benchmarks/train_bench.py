@@ -3,6 +3,8 @@
     python benchmarks/train_bench.py                       # tiny and small on CPU, 8 simulated devices and 1
     python benchmarks/train_bench.py --configs base --dtype bfloat16 --devices 0 --batch 128 --doc_len 256
                                                            # on a GPU/TPU: all real devices (0 = leave as is)
+    python benchmarks/train_bench.py --configs base --dtype bfloat16 --devices 0 --batch 320 --doc_len 256
+                                                           # the paper's batch on one accelerator
 
 Each (config, device count) runs in its own subprocess (the simulated CPU device count is fixed at start-up), with
 the real `Trainer.train_step` (sharded jit, donated state, AdamW, XTR loss over the global batch) on random tokens of
@@ -47,7 +49,7 @@ def child(args: argparse.Namespace) -> dict:
   enc = network.T5EncoderConfig(**CONFIGS[args.config], dropout_rate=0.1, dtype=args.dtype)
   b, g, lq, ld = args.batch, 2, args.query_len, args.doc_len
   model = models.XTRModel(encoder_config=enc, query_max_len=lq, doc_max_len=ld,
-                          loss=lambda *a: losses.xtr_loss(*a, k_train=b))
+                          loss=lambda *a: losses.xtr_loss(*a, k_train=b, implementation=args.loss_impl))
   part = partitioning.Partitioner(mesh=partitioning.make_mesh(data=-1))
   tr = trainer.Trainer(model=model, partitioner=part, optimizer=optax.adamw(1e-4))
   rng = np.random.default_rng(0)
@@ -99,6 +101,8 @@ def main() -> None:
   parser.add_argument("--doc_len", type=int, default=128)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--loss_impl", default="chunked", choices=["simple", "chunked", "sharded"],
+                      help="xtr_loss implementation (chunked, the default, never builds the [B, n, Bd, m] tensor)")
   parser.add_argument("--config", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.config:  # child mode
@@ -112,14 +116,15 @@ def main() -> None:
         env["JAX_PLATFORMS"] = "cpu"
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
       cmd = [sys.executable, __file__, "--config", config, "--batch", str(args.batch), "--query_len",
-             str(args.query_len), "--doc_len", str(args.doc_len), "--steps", str(args.steps), "--dtype", args.dtype]
+             str(args.query_len), "--doc_len", str(args.doc_len), "--steps", str(args.steps), "--dtype", args.dtype,
+             "--loss_impl", args.loss_impl]
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
       line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
       if proc.returncode or line is None:
         raise SystemExit(f"benchmark child failed ({config}, {n} devices):\n{proc.stderr[-3000:]}")
       rows.append(json.loads(line[len("RESULT "):]))
   print(f"batch {args.batch} (queries {args.query_len} tokens, 2 docs x {args.doc_len} tokens), dtype {args.dtype}, "
-        f"median of {args.steps} steps")
+        f"XTR loss {args.loss_impl}, median of {args.steps} steps")
   header = f"{'config':>6} {'params':>11} {'devices':>7} {'kind':>12} {'step s':>8} {'steps/s':>8} " \
            f"{'examples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'XLA TF/s':>8} {'MFU':>6}"
   print(header)

@@ -82,15 +82,16 @@ def random_batch(seed, num_q=8, n=5, num_d=16, m=7, d=6, q_keep=0.8, d_keep=0.7)
   return q, q_mask, p, d_mask, labels
 
 
-@functools.partial(jax.jit, static_argnames=("k_train", "implementation", "mesh"))
-def scores_and_z(q, q_mask, p, d_mask, *, k_train, implementation, mesh=None):
-  return losses._xtr_scores_and_z(q, q_mask, p, d_mask, k_train, implementation, mesh)
+# "chunked" streams 3 documents at a time here, so batches of 16 documents take 6 chunks, the last one padded.
+@functools.partial(jax.jit, static_argnames=("k_train", "implementation", "mesh", "doc_chunk"))
+def scores_and_z(q, q_mask, p, d_mask, *, k_train, implementation, mesh=None, doc_chunk=3):
+  return losses._xtr_scores_and_z(q, q_mask, p, d_mask, k_train, implementation, mesh, doc_chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("k_train", "implementation", "mesh"))
-def loss_and_grads(q, q_mask, p, d_mask, labels, *, k_train, implementation, mesh=None):
+@functools.partial(jax.jit, static_argnames=("k_train", "implementation", "mesh", "doc_chunk"))
+def loss_and_grads(q, q_mask, p, d_mask, labels, *, k_train, implementation, mesh=None, doc_chunk=3):
   fn = lambda q_, p_: losses.xtr_loss(q_, q_mask, p_, d_mask, labels, k_train=k_train,
-                                      implementation=implementation, mesh=mesh)
+                                      implementation=implementation, mesh=mesh, doc_chunk=doc_chunk)
   return jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(q, p)
 
 
@@ -160,7 +161,7 @@ def test_ties_are_broken_by_global_token_index_on_both_paths():
   p = rng.integers(-1, 2, size=(16, 5, 3)).astype(np.float32)
   q_mask = np.ones((8, 4), bool)
   d_mask = rng.random((16, 5)) < 0.8
-  runs = [("simple", "8x1"), ("sharded", "8x1"), ("sharded", "4x2_fsdp")]
+  runs = [("simple", "8x1"), ("chunked", "8x1"), ("sharded", "8x1"), ("sharded", "4x2_fsdp")]
   for k_train in (1, 7, 25):
     want, want_z = ref_xtr(q, q_mask, p, d_mask, k_train)
     for implementation, mesh_name in runs:
@@ -178,6 +179,44 @@ def test_ties_are_broken_by_global_token_index_on_both_paths():
                         mesh=_mesh("8x1"))
     s = np.asarray(s)
     assert np.all(s[:, 0] == 1.0) and np.all(s[:, 1:] == 0.0), implementation
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), num_q=st.integers(1, 4), n=st.integers(1, 5), num_d=st.integers(1, 7),
+       m=st.integers(1, 6), k_train=st.integers(1, 40), doc_chunk=st.integers(1, 8),
+       q_keep=st.sampled_from([0.0, 0.6, 1.0]), d_keep=st.sampled_from([0.3, 0.7, 1.0]))
+def test_chunked_matches_numpy_reference_and_dense_gradients(seed, num_q, n, num_d, m, k_train, doc_chunk, q_keep,
+                                                             d_keep):
+  q, q_mask, p, d_mask, _ = random_batch(seed, num_q, n, num_d, m, 4, q_keep, d_keep)
+  labels = np.random.default_rng(seed + 1).integers(0, num_d, size=num_q).astype(np.int32)
+  want, want_z = ref_xtr(q, q_mask, p, d_mask, k_train)
+  got, got_z = scores_and_z(q, q_mask, p, d_mask, k_train=k_train, implementation="chunked", doc_chunk=doc_chunk)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got_z), want_z)
+  (loss_c, _), grads_c = loss_and_grads(q, q_mask, p, d_mask, labels, k_train=k_train, implementation="chunked",
+                                        doc_chunk=doc_chunk)
+  (loss_d, _), grads_d = loss_and_grads(q, q_mask, p, d_mask, labels, k_train=k_train, implementation="simple")
+  assert abs(float(loss_c) - ref_loss(want, labels)) < 1e-5
+  assert abs(float(loss_c) - float(loss_d)) < 1e-6
+  for gc, gd in zip(grads_c, grads_d):  # continuous random embeddings: no tied maxima, so identical gradients
+    np.testing.assert_allclose(np.asarray(gc), np.asarray(gd), atol=1e-6)
+
+
+def test_chunked_memory_does_not_grow_with_the_similarity_tensor():
+  # Compiled temp memory of loss + gradients on one device: the dense path holds several [B, n, Bd, m] tensors,
+  # the chunked one a few [B, n, Bd] ones and a few chunks of similarities (here 1/16 of the tensor each).
+  b, n, num_d, m, d = 32, 16, 64, 64, 16
+  q = jnp.zeros((b, n, d)); p = jnp.zeros((num_d, m, d))
+  qm, dm, labels = jnp.ones((b, n), bool), jnp.ones((num_d, m), bool), jnp.arange(b, dtype=jnp.int32) * 2
+  temp = {}
+  for implementation in ("simple", "chunked"):
+    fn = lambda q_, p_, impl=implementation: losses.xtr_loss(q_, qm, p_, dm, labels, k_train=32,
+                                                             implementation=impl, doc_chunk=4)[0]
+    compiled = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(q, p).compile()
+    temp[implementation] = compiled.memory_analysis().temp_size_in_bytes
+  sim_bytes = b * n * num_d * m * 4
+  assert temp["simple"] >= 2 * sim_bytes
+  assert temp["chunked"] < sim_bytes / 2 and temp["simple"] > 8 * temp["chunked"], temp
 
 
 @pytest.mark.parametrize("implementation", losses.IMPLEMENTATIONS)
@@ -358,20 +397,22 @@ def test_sharded_equals_simple_loss_and_grads_under_jit(mesh_name):
 
   def make(implementation):
     def loss_fn(q_, qm, p_, dm, lab):
-      return losses.xtr_loss(q_, qm, p_, dm, lab, k_train=5, implementation=implementation)
+      return losses.xtr_loss(q_, qm, p_, dm, lab, k_train=5, implementation=implementation,
+                             doc_chunk=5)
     return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True))
 
   with jax.set_mesh(mesh):  # mesh=None: the ambient mesh
-    (loss_s, metrics_s), grads_s = make("sharded")(*args)
     (loss_d, metrics_d), grads_d = make("simple")(*args)
-  assert abs(float(loss_s) - float(loss_d)) <= 1e-6
-  for key in metrics_d:
-    assert float(metrics_s[key]) == pytest.approx(float(metrics_d[key]), abs=1e-6), key
-  for gs, gd in zip(grads_s, grads_d):
-    np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), atol=1e-6)
-    assert np.abs(np.asarray(gd)).max() > 1e-4
-  assert np.all(np.asarray(grads_s[0])[1] == 0.0)  # a query without tokens gets no gradient
-  assert np.all(np.isfinite(np.asarray(grads_s[1])))
+    for other in ("sharded", "chunked"):  # chunked: queries sharded by GSPMD, documents replicated and streamed
+      (loss_s, metrics_s), grads_s = make(other)(*args)
+      assert abs(float(loss_s) - float(loss_d)) <= 1e-6, other
+      for key in metrics_d:
+        assert float(metrics_s[key]) == pytest.approx(float(metrics_d[key]), abs=1e-6), (other, key)
+      for gs, gd in zip(grads_s, grads_d):
+        np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), atol=1e-6, err_msg=other)
+        assert np.abs(np.asarray(gd)).max() > 1e-4
+      assert np.all(np.asarray(grads_s[0])[1] == 0.0)  # a query without tokens gets no gradient
+      assert np.all(np.isfinite(np.asarray(grads_s[1])))
 
 
 def test_jitted_step_compiles_once():

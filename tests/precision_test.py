@@ -110,5 +110,6 @@ def test_exact_search_rescoring_and_head_moments_are_float32_products():
                     q[None], jnp.ones((1, 3), bool), jnp.array([[0, 1]], jnp.int32), emb, offsets)
   assert rescore and set(rescore) == {HIGHEST}
 
-  moments = _traced(head_init._masked_moments, jnp.ones((2, 5, 8)), jnp.ones((2, 5), bool))  # pylint: disable=protected-access
+  masked_moments = head_init._masked_moments  # pylint: disable=protected-access
+  moments = _traced(masked_moments, jnp.ones((2, 5, 8)), jnp.ones((2, 5), bool))
   assert moments and set(moments) == {HIGHEST}
