@@ -200,6 +200,14 @@ def test_chunked_matches_numpy_reference_and_dense_gradients(seed, num_q, n, num
   assert abs(float(loss_c) - float(loss_d)) < 1e-6
   for gc, gd in zip(grads_c, grads_d):  # continuous random embeddings: no tied maxima, so identical gradients
     np.testing.assert_allclose(np.asarray(gc), np.asarray(gd), atol=1e-6)
+  # ColBERT streams the same way: equal to the NumPy reference and to the dense path, gradients included.
+  chunked = lambda q_, p_: losses.colbert_scores(q_, q_mask, p_, d_mask, doc_chunk=doc_chunk)
+  dense = lambda q_, p_: losses.colbert_scores_from_similarities(losses.token_similarities(q_, p_), q_mask, d_mask)
+  np.testing.assert_allclose(np.asarray(chunked(q, p)), ref_colbert(q, q_mask, p, d_mask), atol=1e-5, rtol=1e-5)
+  weights = np.random.default_rng(seed + 2).normal(size=(num_q, num_d)).astype(np.float32)
+  for gc, gd in zip(jax.grad(lambda a, b: jnp.sum(chunked(a, b) * weights), argnums=(0, 1))(q, p),
+                    jax.grad(lambda a, b: jnp.sum(dense(a, b) * weights), argnums=(0, 1))(q, p)):
+    np.testing.assert_allclose(np.asarray(gc), np.asarray(gd), atol=1e-6)
 
 
 def test_chunked_memory_does_not_grow_with_the_similarity_tensor():

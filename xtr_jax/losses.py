@@ -17,11 +17,12 @@ Three implementations of the XTR scores give the same numbers:
     paper's batch (B = 320, n = 32, 640 documents x 256 tokens, k_train 320) its loss + gradient compile to 26.6 GiB
     of temporaries on one (CPU) device, and an xtr_base training step at that batch asked an H200 for 116.5 GiB.
   * "chunked" (the default): exact, without the [B, n, Bd, m] tensor, for one device or replicated documents
-    (memory ~ B x n x (Bd + doc_chunk x m) floats; 2.1 GiB of temporaries at the shape above). Pass 1 (no
+    (memory ~ B x n x (Bd + doc_chunk x m) floats; 3.8 GiB of temporaries at the shape above). Pass 1 (no
     gradient) streams document chunks through a running top-k_train per query token to get its k_train-th
     (score, index) threshold; pass 2 recomputes each chunk's similarities, keeps the tokens ranking at or before the
     threshold and takes each document's selected maximum, under `jax.checkpoint`, so the backward pass recomputes a
-    chunk instead of storing it. Same selection, same values, same gradients as "simple" (ties included).
+    chunk instead of storing it. Same selection, same values, same gradients as "simple" (ties included). The
+    ColBERT loss streams the same way (every valid token selected, no threshold pass).
   * "sharded": `jax.shard_map` over the data-parallel mesh axes. Queries (small: B x n x d) are all-gathered and
     documents stay sharded, so each device computes [B, n, Bd*m / D] similarities and its local top-k_train per query
     token; the D x k_train candidates of each query token are exchanged with one all-to-all (each device receives
@@ -233,7 +234,7 @@ def colbert_scores_from_similarities(s: jax.Array, q_mask: jax.Array, d_mask: ja
   return scores
 
 
-# ---------------------------------------------------------------------------------------------------- sharded path
+# ---------------------------------------------------------------------------------------------------- chunked path
 
 
 def _doc_chunks(p: jax.Array, d_mask: jax.Array, doc_chunk: int) -> tuple[jax.Array, jax.Array, int]:
@@ -249,41 +250,34 @@ def _doc_chunks(p: jax.Array, d_mask: jax.Array, doc_chunk: int) -> tuple[jax.Ar
   return p.reshape(num_chunks, size, m, dim), d_mask.reshape(num_chunks, size, m), size
 
 
-def _chunked_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, k_train: int,
+def _chunked_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, k_train: int | None,
                     doc_chunk: int) -> tuple[jax.Array, jax.Array]:
-  """(scores float32 [B, Bd], z int32 [B, Bd]) equal to the dense path's, streaming documents (module docstring)."""
+  """(scores float32 [B, Bd], z int32 [B, Bd]) equal to the dense path's, streaming documents (module docstring).
+
+  k_train=None retrieves every valid token: the ColBERT scores (Z = the valid query tokens, for non-empty documents).
+  """
   num_q, n, _ = q.shape
   num_d, m, _ = p.shape
   p_chunks, mask_chunks, size = _doc_chunks(p, d_mask, doc_chunk)
-  k = min(k_train, num_d * m)
-  q_fixed = lax.stop_gradient(q)
+  steps = jnp.arange(p_chunks.shape[0], dtype=jnp.int32)
+  local_idx = (jnp.arange(size, dtype=jnp.int32)[:, None] * m + jnp.arange(m, dtype=jnp.int32)[None, :])
+  if k_train is None:
+    thr_v = thr_i = None
+  else:
+    thr_v, thr_i = _chunked_threshold(q, p_chunks, mask_chunks, min(k_train, num_d * m))
 
   def ranked_chunk(q_, p_c, mask_c):  # [B, n, size, m] similarities, padding at -inf
     return jnp.where(mask_c[None, None], token_similarities(q_, p_c), _NEG_INF)
-
-  def select_step(carry, xs):  # running top-k over (score desc, global token index asc); no gradient
-    best_v, best_i = carry
-    p_c, mask_c, c = xs
-    ranked = _canonical(ranked_chunk(q_fixed, lax.stop_gradient(p_c), mask_c)).reshape(num_q, n, size * m)
-    v, i = lax.top_k(ranked, min(k, size * m))
-    # Earlier chunks (lower indices) sit first in the concatenation and top_k keeps the earlier of equal values.
-    merged_v, pos = lax.top_k(jnp.concatenate([best_v, v], axis=-1), k)
-    merged_i = jnp.take_along_axis(jnp.concatenate([best_i, i + c * size * m], axis=-1), pos, axis=-1)
-    return (merged_v, merged_i), None
-
-  init = (jnp.full((num_q, n, k), _NEG_INF, _acc_dtype(q, p)), jnp.full((num_q, n, k), -1, jnp.int32))
-  steps = jnp.arange(p_chunks.shape[0], dtype=jnp.int32)
-  (top_v, top_i), _ = lax.scan(select_step, init, (p_chunks, mask_chunks, steps))
-  thr_v, thr_i = top_v[..., -1][..., None, None], top_i[..., -1][..., None, None]  # [B, n, 1, 1]
-  local_idx = (jnp.arange(size, dtype=jnp.int32)[:, None] * m + jnp.arange(m, dtype=jnp.int32)[None, :])
 
   @jax.checkpoint
   def max_step(q_, xs):  # selected-only maxima with gradient; recomputed chunk by chunk in the backward pass
     p_c, mask_c, c = xs
     s = ranked_chunk(q_, p_c, mask_c)
     ranked = _canonical(lax.stop_gradient(s))
-    gidx = c * size * m + local_idx
-    selected = mask_c & ((ranked > thr_v) | ((ranked == thr_v) & (gidx <= thr_i)))
+    selected = jnp.broadcast_to(mask_c, s.shape)
+    if thr_v is not None:
+      gidx = c * size * m + local_idx
+      selected = selected & ((ranked > thr_v) | ((ranked == thr_v) & (gidx <= thr_i)))
     top = jnp.max(jnp.where(selected, ranked, _NEG_INF), axis=-1, keepdims=True)
     # The value at the selected maxima, its gradient split among exactly tied ones: what jnp.max does on the
     # dense path's selected-only similarities.
@@ -300,6 +294,33 @@ def _chunked_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.A
   total = jnp.sum(contribution, axis=1)
   scores = jnp.where(z > 0, total / jnp.maximum(z, 1).astype(total.dtype), 0.0)
   return scores, z
+
+
+def _chunked_threshold(q: jax.Array, p_chunks: jax.Array, mask_chunks: jax.Array,
+                       k: int) -> tuple[jax.Array, jax.Array]:
+  """The k-th (score, global token index) per query token over all chunks, each [B, n, 1, 1]; no gradient."""
+  num_q, n, _ = q.shape
+  _, size, m, _ = p_chunks.shape
+  q_fixed = lax.stop_gradient(q)
+
+  def select_step(carry, xs):  # running top-k over (score desc, global token index asc)
+    best_v, best_i = carry
+    p_c, mask_c, c = xs
+    sims = token_similarities(q_fixed, lax.stop_gradient(p_c))
+    ranked = jnp.where(mask_c[None, None], _canonical(sims), _NEG_INF).reshape(num_q, n, size * m)
+    v, i = lax.top_k(ranked, min(k, size * m))
+    # Earlier chunks (lower indices) sit first in the concatenation and top_k keeps the earlier of equal values.
+    merged_v, pos = lax.top_k(jnp.concatenate([best_v, v], axis=-1), k)
+    merged_i = jnp.take_along_axis(jnp.concatenate([best_i, i + c * size * m], axis=-1), pos, axis=-1)
+    return (merged_v, merged_i), None
+
+  init = (jnp.full((num_q, n, k), _NEG_INF, _acc_dtype(q, p_chunks)), jnp.full((num_q, n, k), -1, jnp.int32))
+  steps = jnp.arange(p_chunks.shape[0], dtype=jnp.int32)
+  (top_v, top_i), _ = lax.scan(select_step, init, (p_chunks, mask_chunks, steps))
+  return top_v[..., -1][..., None, None], top_i[..., -1][..., None, None]
+
+
+# ---------------------------------------------------------------------------------------------------- sharded path
 
 
 def _sharded_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, k_train: int,
@@ -407,17 +428,21 @@ def xtr_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array,
   return scores
 
 
-def colbert_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array) -> jax.Array:
-  """In-batch ColBERT (sum-of-max, averaged over valid query tokens) scores.
+def colbert_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, *,
+                   doc_chunk: int = 64) -> jax.Array:
+  """In-batch ColBERT (sum-of-max, averaged over valid query tokens) scores, streamed over document chunks as the
+  "chunked" XTR path does (no [B, n, Bd, m] tensor; equal to `colbert_scores_from_similarities`).
 
   Args:
     q: float [B, n, d]; q_mask: bool [B, n]; p: float [Bd, m, d]; d_mask: bool [Bd, m].
+    doc_chunk: documents per chunk.
 
   Returns:
     float32 [B, Bd].
   """
   _check_embeddings(q, q_mask, p, d_mask)
-  return colbert_scores_from_similarities(token_similarities(q, p), q_mask, d_mask)
+  scores, _ = _chunked_scores(q, q_mask.astype(bool), p, d_mask.astype(bool), None, doc_chunk)
+  return scores
 
 
 def softmax_cross_entropy(scores: jax.Array, labels: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -532,8 +557,8 @@ def xtr_loss(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, l
 
 @gin.configurable
 def colbert_loss(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, labels: jax.Array, *,
-                 temperature: float = 1.0, mesh: Mesh | AbstractMesh | None = None, checked: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 temperature: float = 1.0, mesh: Mesh | AbstractMesh | None = None, checked: bool = False,
+                 doc_chunk: int = 64) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ColBERT in-batch softmax loss (the baseline); arguments and metrics as in `xtr_loss` (Z = valid query tokens).
 
   Args:
@@ -546,7 +571,7 @@ def colbert_loss(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Arra
     (loss float32 scalar, metrics dict of scalars).
   """
   labels, nonfinite = _prepare_loss(q, q_mask, p, d_mask, labels, temperature, checked, mesh)
-  scores = colbert_scores(q, q_mask, p, d_mask)
+  scores = colbert_scores(q, q_mask, p, d_mask, doc_chunk=doc_chunk)
   valid_docs = jnp.any(d_mask.astype(bool), axis=1)
   z = jnp.sum(q_mask.astype(jnp.int32), axis=1)[:, None] * valid_docs[None, :].astype(jnp.int32)
   return _loss_and_metrics(scores, z, labels, temperature, nonfinite)
