@@ -29,7 +29,9 @@ Three implementations of the XTR scores give the same numbers:
     the candidates of its own queries) and merged into the exact global k_train-th candidate (score, global token
     index), which is all-gathered back as a per-query-token threshold. A token is retrieved iff it ranks before or
     at the threshold in the (score desc, global index asc) order, which is exactly `lax.top_k`'s tie-breaking, so
-    both paths retrieve the same tokens even for equal scores. No device materialises the full score matrix.
+    all paths retrieve the same tokens even for equal scores. Each device streams its documents in chunks of
+    doc_chunk / D (both passes as in "chunked"), so none materialises even its block of the score matrix: at the
+    shape above, 565 MiB per device on 8 devices (simple 8,295 MiB, chunked 1,137 MiB).
 """
 
 from __future__ import annotations
@@ -256,27 +258,76 @@ def _chunked_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.A
 
   k_train=None retrieves every valid token: the ColBERT scores (Z = the valid query tokens, for non-empty documents).
   """
-  num_q, n, _ = q.shape
   num_d, m, _ = p.shape
-  p_chunks, mask_chunks, size = _doc_chunks(p, d_mask, doc_chunk)
-  steps = jnp.arange(p_chunks.shape[0], dtype=jnp.int32)
-  local_idx = (jnp.arange(size, dtype=jnp.int32)[:, None] * m + jnp.arange(m, dtype=jnp.int32)[None, :])
-  if k_train is None:
-    thr_v = thr_i = None
-  else:
-    thr_v, thr_i = _chunked_threshold(q, p_chunks, mask_chunks, min(k_train, num_d * m))
+  p_chunks, mask_chunks, _ = _doc_chunks(p, d_mask, doc_chunk)
+  threshold = None
+  if k_train is not None:
+    top_v, top_i = _chunked_top_k(q, p_chunks, mask_chunks, min(k_train, num_d * m), 0)
+    threshold = (top_v[..., -1], top_i[..., -1])
+  maxima, hit = _chunked_selected_maxima(q, p_chunks, mask_chunks, threshold, 0)
+  return _scores_from_maxima(maxima[:, :, :num_d], hit[:, :, :num_d] & q_mask[:, :, None])
 
-  def ranked_chunk(q_, p_c, mask_c):  # [B, n, size, m] similarities, padding at -inf
-    return jnp.where(mask_c[None, None], token_similarities(q_, p_c), _NEG_INF)
+
+def _chunked_top_k(q: jax.Array, p_chunks: jax.Array, mask_chunks: jax.Array, k: int,
+                   index_offset: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+  """The top-k (score, token index) per query token over all chunks, in (score desc, index asc) order; no gradient.
+
+  q [B, n, d]; p_chunks [K, C, m, d]; mask_chunks bool [K, C, m]; token (chunk c, doc j, position t) has index
+  index_offset + (c * C + j) * m + t. Returns float [B, n, k] (-inf past the valid tokens) and int32 [B, n, k].
+  """
+  num_q, n, _ = q.shape
+  _, size, m, _ = p_chunks.shape
+  q_fixed = lax.stop_gradient(q)
+
+  def chunk_top(p_c, mask_c, c):
+    sims = token_similarities(q_fixed, lax.stop_gradient(p_c))
+    ranked = jnp.where(mask_c[None, None], _canonical(sims), _NEG_INF).reshape(num_q, n, size * m)
+    v, i = lax.top_k(ranked, min(k, size * m))
+    return v, i + index_offset + c * size * m
+
+  def step(carry, xs):
+    v, i = chunk_top(*xs)
+    # Earlier chunks (lower indices) sit first in the concatenation and top_k keeps the earlier of equal values.
+    merged_v, pos = lax.top_k(jnp.concatenate([carry[0], v], axis=-1), k)
+    merged_i = jnp.take_along_axis(jnp.concatenate([carry[1], i], axis=-1), pos, axis=-1)
+    return (merged_v, merged_i), None
+
+  # The first chunk seeds the carry (rather than constants), so inside shard_map it varies over the same mesh axes
+  # as the scan's output; short of k entries, it is padded with (-inf, -1), which rank last.
+  top_v, top_i = chunk_top(p_chunks[0], mask_chunks[0], 0)
+  if top_v.shape[-1] < k:
+    pad = k - top_v.shape[-1]
+    top_v = jnp.concatenate([top_v, jnp.full((num_q, n, pad), _NEG_INF, top_v.dtype)], axis=-1)
+    top_i = jnp.concatenate([top_i, jnp.full((num_q, n, pad), -1, top_i.dtype)], axis=-1)
+  steps = jnp.arange(1, p_chunks.shape[0], dtype=jnp.int32)
+  (top_v, top_i), _ = lax.scan(step, (top_v, top_i), (p_chunks[1:], mask_chunks[1:], steps))
+  return top_v, top_i
+
+
+def _chunked_selected_maxima(q: jax.Array, p_chunks: jax.Array, mask_chunks: jax.Array,
+                             threshold: tuple[jax.Array, jax.Array] | None,
+                             index_offset: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+  """Per (query token, document) maximum over the SELECTED tokens, with gradient, and whether any was selected.
+
+  A token is selected when valid and ranked at or before `threshold` = (score [B, n], index [B, n]) in the
+  (score desc, index asc) order; None selects every valid token. Indices as in `_chunked_top_k`. Each chunk runs
+  under `jax.checkpoint`: the backward pass recomputes its similarities. Returns float [B, n, K * C] and
+  bool [B, n, K * C].
+  """
+  num_q, n, _ = q.shape
+  _, size, m, _ = p_chunks.shape
+  local_idx = jnp.arange(size, dtype=jnp.int32)[:, None] * m + jnp.arange(m, dtype=jnp.int32)[None, :]
+  if threshold is not None:
+    thr_v, thr_i = threshold[0][..., None, None], threshold[1][..., None, None]  # [B, n, 1, 1]
 
   @jax.checkpoint
-  def max_step(q_, xs):  # selected-only maxima with gradient; recomputed chunk by chunk in the backward pass
+  def step(q_, xs):
     p_c, mask_c, c = xs
-    s = ranked_chunk(q_, p_c, mask_c)
+    s = jnp.where(mask_c[None, None], token_similarities(q_, p_c), _NEG_INF)
     ranked = _canonical(lax.stop_gradient(s))
     selected = jnp.broadcast_to(mask_c, s.shape)
-    if thr_v is not None:
-      gidx = c * size * m + local_idx
+    if threshold is not None:
+      gidx = index_offset + c * size * m + local_idx
       selected = selected & ((ranked > thr_v) | ((ranked == thr_v) & (gidx <= thr_i)))
     top = jnp.max(jnp.where(selected, ranked, _NEG_INF), axis=-1, keepdims=True)
     # The value at the selected maxima, its gradient split among exactly tied ones: what jnp.max does on the
@@ -286,9 +337,13 @@ def _chunked_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.A
     value = jnp.sum(jnp.where(tie, s, 0.0), axis=-1) / jnp.maximum(count, 1).astype(s.dtype)
     return q_, (value, count > 0)
 
-  _, (maxima, hit) = lax.scan(max_step, q, (p_chunks, mask_chunks, steps))
-  maxima = jnp.moveaxis(maxima, 0, 2).reshape(num_q, n, -1)[:, :, :num_d]  # [B, n, Bd]
-  hit = jnp.moveaxis(hit, 0, 2).reshape(num_q, n, -1)[:, :, :num_d] & q_mask[:, :, None]
+  steps = jnp.arange(p_chunks.shape[0], dtype=jnp.int32)
+  _, (maxima, hit) = lax.scan(step, q, (p_chunks, mask_chunks, steps))
+  return (jnp.moveaxis(maxima, 0, 2).reshape(num_q, n, -1), jnp.moveaxis(hit, 0, 2).reshape(num_q, n, -1))
+
+
+def _scores_from_maxima(maxima: jax.Array, hit: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float [B, n, C] selected maxima, bool [B, n, C] hits -> (scores float [B, C], z int32 [B, C])."""
   contribution = jnp.where(hit, maxima, 0.0)
   z = jnp.sum(hit, axis=1, dtype=jnp.int32)
   total = jnp.sum(contribution, axis=1)
@@ -296,35 +351,11 @@ def _chunked_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.A
   return scores, z
 
 
-def _chunked_threshold(q: jax.Array, p_chunks: jax.Array, mask_chunks: jax.Array,
-                       k: int) -> tuple[jax.Array, jax.Array]:
-  """The k-th (score, global token index) per query token over all chunks, each [B, n, 1, 1]; no gradient."""
-  num_q, n, _ = q.shape
-  _, size, m, _ = p_chunks.shape
-  q_fixed = lax.stop_gradient(q)
-
-  def select_step(carry, xs):  # running top-k over (score desc, global token index asc)
-    best_v, best_i = carry
-    p_c, mask_c, c = xs
-    sims = token_similarities(q_fixed, lax.stop_gradient(p_c))
-    ranked = jnp.where(mask_c[None, None], _canonical(sims), _NEG_INF).reshape(num_q, n, size * m)
-    v, i = lax.top_k(ranked, min(k, size * m))
-    # Earlier chunks (lower indices) sit first in the concatenation and top_k keeps the earlier of equal values.
-    merged_v, pos = lax.top_k(jnp.concatenate([best_v, v], axis=-1), k)
-    merged_i = jnp.take_along_axis(jnp.concatenate([best_i, i + c * size * m], axis=-1), pos, axis=-1)
-    return (merged_v, merged_i), None
-
-  init = (jnp.full((num_q, n, k), _NEG_INF, _acc_dtype(q, p_chunks)), jnp.full((num_q, n, k), -1, jnp.int32))
-  steps = jnp.arange(p_chunks.shape[0], dtype=jnp.int32)
-  (top_v, top_i), _ = lax.scan(select_step, init, (p_chunks, mask_chunks, steps))
-  return top_v[..., -1][..., None, None], top_i[..., -1][..., None, None]
-
-
 # ---------------------------------------------------------------------------------------------------- sharded path
 
 
 def _sharded_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.Array, k_train: int,
-                    mesh: Mesh | AbstractMesh) -> tuple[jax.Array, jax.Array]:
+                    mesh: Mesh | AbstractMesh, doc_chunk: int = 64) -> tuple[jax.Array, jax.Array]:
   axes = _batch_axes(mesh)
   num_shards = _mesh_size(mesh, axes)
   num_q, n, _ = q.shape
@@ -333,20 +364,20 @@ def _sharded_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.A
     if size % num_shards:
       raise ValueError(f"{what} = {size} is not divisible by the data-parallel size {num_shards} "
                        f"(mesh axes {axes} of {dict(mesh.shape)})")
-  local_tokens = (num_d // num_shards) * m
+  local_docs = num_d // num_shards
+  local_tokens = local_docs * m
   k_local = min(k_train, local_tokens)
   k_global = min(k_train, num_d * m)
 
   def body(q_l, q_mask_l, p_l, d_mask_l):
-    # Every device scores ALL queries against ITS documents: [B, n, Bd/D, m].
+    # Every device scores ALL queries against ITS documents, streamed in chunks of doc_chunk documents.
     q_all = lax.all_gather(q_l, axes, axis=0, tiled=True)
     q_mask_all = lax.all_gather(q_mask_l, axes, axis=0, tiled=True)
-    s = token_similarities(q_all, p_l)
-    ranked = jnp.where(d_mask_l[None, None], _canonical(lax.stop_gradient(s)), _NEG_INF)
-    ranked = ranked.reshape(num_q, n, local_tokens)
+    # A device holds all B queries here (B / D under "chunked"), so its chunks are D times narrower for the same
+    # per-device memory.
+    p_chunks, mask_chunks, _ = _doc_chunks(p_l, d_mask_l, max(1, doc_chunk // num_shards))
     offset = lax.axis_index(axes) * local_tokens
-    values, idx = lax.top_k(ranked, k_local)
-    idx = idx + offset
+    values, idx = _chunked_top_k(q_all, p_chunks, mask_chunks, k_local, offset)
     # Candidates of query block r go to device r; received blocks are concatenated in shard (= global index) order,
     # so positions in the merged list are ordered like global token indices among equal scores.
     values = lax.all_to_all(values, axes, split_axis=0, concat_axis=2, tiled=True)  # [B/D, n, D*k_local]
@@ -356,12 +387,8 @@ def _sharded_scores(q: jax.Array, q_mask: jax.Array, p: jax.Array, d_mask: jax.A
     thr_index = jnp.take_along_axis(idx, pos[..., -1:], axis=-1)[..., 0]
     thr_value = lax.all_gather(thr_value, axes, axis=0, tiled=True)  # [B, n]
     thr_index = lax.all_gather(thr_index, axes, axis=0, tiled=True)
-    gidx = (offset + jnp.arange(local_tokens, dtype=idx.dtype)).reshape(1, 1, -1)
-    tv = thr_value[:, :, None]
-    ti = thr_index[:, :, None]
-    selected = (ranked > tv) | ((ranked == tv) & (gidx <= ti))
-    selected = selected.reshape(s.shape) & d_mask_l[None, None] & q_mask_all[:, :, None, None]
-    return _aggregate(s, selected)
+    maxima, hit = _chunked_selected_maxima(q_all, p_chunks, mask_chunks, (thr_value, thr_index), offset)
+    return _scores_from_maxima(maxima[:, :, :local_docs], hit[:, :, :local_docs] & q_mask_all[:, :, None])
 
   spec_batch3 = P(axes, None, None)
   spec_batch2 = P(axes, None)
@@ -381,7 +408,7 @@ def _xtr_scores_and_z(q, q_mask, p, d_mask, k_train, implementation, mesh, doc_c
   q_mask = q_mask.astype(bool)
   d_mask = d_mask.astype(bool)
   if implementation == "sharded":
-    return _sharded_scores(q, q_mask, p, d_mask, k_train, _resolve_mesh(mesh))
+    return _sharded_scores(q, q_mask, p, d_mask, k_train, _resolve_mesh(mesh), doc_chunk)
   p, d_mask = _replicate(p, d_mask, mesh)
   if implementation == "chunked":
     return _chunked_scores(q, q_mask, p, d_mask, k_train, doc_chunk)
