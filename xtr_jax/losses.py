@@ -176,11 +176,7 @@ def _aggregate(s: jax.Array, selected: jax.Array) -> tuple[jax.Array, jax.Array]
   """
   hit = jnp.any(selected, axis=-1)  # [B, n, C]
   best = jnp.max(jnp.where(selected, s, _NEG_INF), axis=-1)
-  contribution = jnp.where(hit, best, 0.0)
-  z = jnp.sum(hit, axis=1, dtype=jnp.int32)
-  total = jnp.sum(contribution, axis=1)
-  scores = jnp.where(z > 0, total / jnp.maximum(z, 1).astype(total.dtype), 0.0)
-  return scores, z
+  return _scores_from_maxima(best, hit)
 
 
 def _select_dense(s: jax.Array, q_mask: jax.Array, d_mask: jax.Array, k_train: int) -> jax.Array:
