@@ -15,6 +15,13 @@ leaf id and the shared centers. Search timings are one thread, batched over all 
 A setting `lut16:1+2x8` mixes block sizes with ScaNN's VARIABLE_CHUNK projection: 8 blocks of 2 dims, the other 112
 dims 1 per block (120 codes = 60 bytes): does spending fewer bits on a few dimensions keep recall >= 0.9?
 `--leaf_fractions 20,10` also searches 1/10 of the leaves (the notebook searches 100 of 2000 = 1/20).
+
+A setting `lut16:1+pairedP` is xtr_jax's own `build_index(..., paired_dims=P)`: the same VARIABLE_CHUNK code, but the
+P paired dimensions are the lowest-variance principal directions of a rotated basis (`index.principal_rotation`)
+instead of the last P coordinates, and the leading axes share the remaining variance evenly:
+
+    python benchmarks/index_quantization_bench.py --max_docs 1250 --num_queries 60 \
+      --settings lut16:1,lut16:1+2x8,lut16:1+paired16,lut16:1+paired32,lut16:1+paired48 --leaf_fractions 20,10
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ def main() -> None:
   ap.add_argument("--leaf_fractions", default="20", help="search 1/F of the leaves, for each F")
   args = ap.parse_args()
   import scann  # pylint: disable=g-import-not-at-top
+  from xtr_jax import index as index_lib  # pylint: disable=g-import-not-at-top
 
   docs, queries = _minilm_encode.read_scifact(args.data)
   arrays = _minilm_encode.encode_corpus_cached(docs, args.cache, max_docs=args.max_docs or None)
@@ -53,7 +61,13 @@ def main() -> None:
   qv = q[:args.num_queries][q_mask[:args.num_queries]].astype(np.float32)
   ks = [int(k) for k in args.k_primes.split(",")]
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-  exact = np.argsort(-(qv @ x.T), axis=1, kind="stable")[:, :max(ks)]
+  exact = []
+  for i in range(0, len(qv), 100):  # top-k by partition, a block of queries at a time: bounded memory
+    sims = qv[i:i + 100] @ x.T
+    top = np.argpartition(-sims, max(ks), axis=1)[:, :max(ks)]
+    order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
+    exact.append(np.take_along_axis(top, order, 1))
+  exact = np.concatenate(exact)
   leaves = max(1, min(2000, len(x) // 400))
   fractions = [int(f) for f in args.leaf_fractions.split(",")]
   print(f"{len(arrays['doc_ids'])} docs, {len(x)} tokens, {len(qv)} query tokens; {leaves} leaves, "
@@ -61,6 +75,25 @@ def main() -> None:
   rows = []
   for spec in args.settings.split(","):
     hash_type, dpb = spec.split(":")
+    if "+paired" in dpb:
+      paired = int(dpb.partition("+paired")[2])
+      t0 = time.perf_counter()
+      idx = index_lib.build_index(x, backend="scann", num_neighbors=max(ks), num_leaves=leaves,
+                                  num_leaves_to_search=max(1, leaves // 20), paired_dims=paired, hash_type=hash_type)
+      build_s = time.perf_counter() - t0
+      code_bytes = -(-(x.shape[1] - paired // 2) // 2)
+      for fraction in fractions:
+        row = [f"{hash_type} dims/block=1, {paired} principal dims paired", f"1/{fraction}", f"{code_bytes}",
+               f"{8 * code_bytes / x.shape[1]:.2f}", f"{build_s:.0f}"]
+        for k in ks:
+          t0 = time.perf_counter()
+          _, ids = idx.search_with(qv, k, leaves_to_search=max(1, leaves // fraction))
+          ms = 1e3 * (time.perf_counter() - t0) / len(qv)
+          recall = np.mean([len(np.intersect1d(a, e[:k])) / k for a, e in zip(ids, exact)])
+          row += [f"{recall:.3f}", f"{ms:.2f}"]
+        rows.append(row)
+        print("  ".join(row), flush=True)
+      continue
     dpb, _, pairs = dpb.partition("+2x")
     dpb, pairs = int(dpb), int(pairs or 0)
     t0 = time.perf_counter()

@@ -19,7 +19,9 @@ Reported: ms/query (mean over queries; (a) also median), search / scoring split,
 top-10 agreement with exact XTR (brute-force token retrieval + the same scorer), whether (a) and (b) rank the same
 retrieved tokens identically (columns same(a) / ident on the (a) row: our scorer fed exactly (a)'s retrieved tokens;
 on (b) rows: end to end, where ScaNN's batched search may return slightly different tokens than per-query search),
-index bytes per token and build time.
+index bytes per token (every file of the saved index, manifest excluded) and build time.
+`--extra_paired_dims 16` adds the notebook index with 16 low-variance principal directions at 2 bits each
+(`xtr_build_index.paired_dims`), `--extra_dims_per_block 2` one with 2 dims per 4-bit code everywhere.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=64, help="queries per batched search + scoring call (ours)")
   ap.add_argument("--extra_dims_per_block", type=int, default=2,
                   help="also build an AH index with this many dims per block (fewer bytes/token); 0 = skip")
+  ap.add_argument("--extra_paired_dims", type=int, default=16,
+                  help="also build the notebook index with this many low-variance principal directions quantized "
+                       "two per 4-bit code (xtr_build_index.paired_dims; fewer bytes/token); 0 = skip")
   ap.add_argument("--encode_threads", type=int, default=2)
   ap.add_argument("--json_out", default=None)
   args = ap.parse_args()
@@ -201,8 +206,8 @@ def main() -> None:
   nb = index_lib.build_index(emb, backend="scann")  # notebook defaults
   build_s = time.perf_counter() - t0
   nb_dir = os.path.join(args.cache, f"scann_nb_{args.max_docs}")
-  nb.save(nb_dir)  # ours: compact layout (two 4-bit codes per byte, uint16 leaf ids)
-  nb_bytes = dir_bytes(os.path.join(nb_dir, "scann")) / t_tokens
+  nb.save(nb_dir)  # ours: compact layout (two 4-bit codes per byte, bit-packed leaf ids)
+  nb_bytes = nb.index_bytes(nb_dir) / t_tokens
   raw_dir = os.path.join(args.cache, f"scann_nb_raw_{args.max_docs}")  # the notebook's: ScaNN's own serialize
   os.makedirs(raw_dir, exist_ok=True)
   nb.searcher.serialize(raw_dir, relative_path=True)
@@ -215,8 +220,14 @@ def main() -> None:
     sbuild = time.perf_counter() - t0
     sdir = os.path.join(args.cache, f"scann_dpb{args.extra_dims_per_block}_{args.max_docs}")
     small.save(sdir)
-    indexes.append((f"AH dpb={args.extra_dims_per_block}", small, sbuild, dir_bytes(os.path.join(sdir, "scann"))
-                    / t_tokens))
+    indexes.append((f"AH dpb={args.extra_dims_per_block}", small, sbuild, small.index_bytes(sdir) / t_tokens))
+  if args.extra_paired_dims:
+    t0 = time.perf_counter()
+    paired = index_lib.build_index(emb, backend="scann", paired_dims=args.extra_paired_dims)
+    pbuild = time.perf_counter() - t0
+    pdir = os.path.join(args.cache, f"scann_paired{args.extra_paired_dims}_{args.max_docs}")
+    paired.save(pdir)
+    indexes.append((f"AH paired={args.extra_paired_dims}", paired, pbuild, paired.index_bytes(pdir) / t_tokens))
   for name, _, b, by in indexes:
     print(f"index {name}: build {b:.1f}s, {by:.1f} bytes/token", flush=True)
   tid2did = {tid: int(d) for tid, d in enumerate(token_doc)}  # the notebook's token -> document dict

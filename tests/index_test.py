@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -111,16 +113,27 @@ def test_scann_saved_compactly_and_reloads_identically(data, tmp_path):
   s, i = idx.search(q, 50)
   idx.save(str(tmp_path))
   names = set(os.listdir(tmp_path / "scann"))
-  # Two 4-bit codes per byte and uint16 leaf ids instead of ScaNN's one byte per code and int32 leaves.
+  # Two 4-bit codes per byte and 6-bit leaf ids (60 leaves) instead of ScaNN's byte per code and int32 leaves.
   assert "hashed_dataset.npy" not in names and "datapoint_to_token.npy" not in names
   packed = np.load(tmp_path / "scann" / "hashed_dataset.nibbles.npy", allow_pickle=False)
   assert packed.dtype == np.uint8 and packed.shape == (4000, x.shape[1] // 2)
-  assert np.load(tmp_path / "scann" / "datapoint_to_token.uint16.npy", allow_pickle=False).dtype == np.uint16
-  assert idx.index_bytes(str(tmp_path)) / 4000 < x.shape[1] / 2 + 2 + 20  # codes + leaf + shared tables
+  leaf_bits = np.load(tmp_path / "scann" / "datapoint_to_token.bits.npy", allow_pickle=False)
+  assert leaf_bits.dtype == np.uint8 and leaf_bits.shape == (4000 * 6 // 8,)
+  assert idx.index_bytes(str(tmp_path)) / 4000 < x.shape[1] / 2 + 0.75 + 20  # codes + leaf + shared tables
   back = index.load_index(str(tmp_path))
   s2, i2 = back.search(q, 50)
   np.testing.assert_array_equal(i, i2)
   np.testing.assert_array_equal(s, s2)
+  # The previous layout (uint16 leaf ids) still loads, with the same results.
+  meta = json.loads((tmp_path / "scann" / "datapoint_to_token.bits.npy.json").read_text())
+  leaves = index.unpack_bits(leaf_bits, meta["count"], meta["bits"])
+  old = tmp_path / "old"
+  shutil.copytree(tmp_path / "scann", old)
+  (old / "datapoint_to_token.bits.npy").unlink()
+  (old / "datapoint_to_token.bits.npy.json").unlink()
+  np.save(old / "datapoint_to_token.uint16.npy", leaves.astype(np.uint16), allow_pickle=False)
+  np.testing.assert_array_equal(index._load_scann_searcher(str(old)).search_batched(q, final_num_neighbors=50)[0],
+                                i)
   # The loader still reads ScaNN's own (uncompacted) layout.
   raw = tmp_path / "raw"
   raw.mkdir()
@@ -138,3 +151,75 @@ def test_nibble_packing_roundtrip():
     np.testing.assert_array_equal(index.unpack_nibbles(packed, width), codes)
   with pytest.raises(ValueError, match="codes >= 16"):
     index.pack_nibbles(np.full((2, 2), 16, np.uint8))
+
+
+def test_bit_packing_roundtrip():
+  rng = np.random.default_rng(0)
+  for high, bits in ((1, 1), (2, 1), (2000, 11), (2048, 11), (2049, 12), (70000, 17)):
+    values = rng.integers(0, high, 1001)
+    values[0] = high - 1  # the largest value sets the width
+    packed, got_bits = index.pack_bits(values)
+    assert got_bits == bits and packed.dtype == np.uint8 and packed.shape == (-(-1001 * bits // 8),)
+    np.testing.assert_array_equal(index.unpack_bits(packed, 1001, bits), values)
+  with pytest.raises(ValueError, match="non-negative"):
+    index.pack_bits(np.array([3, -1]))
+  with pytest.raises(ValueError, match="expected uint8"):
+    index.unpack_bits(np.zeros(5, np.uint8), 1001, 11)
+
+
+def test_principal_rotation_is_orthogonal_with_the_low_variance_directions_last():
+  rng = np.random.default_rng(0)
+  scales = np.geomspace(3.0, 0.01, 16)
+  basis, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+  sample = (rng.standard_normal((20000, 16)) * scales) @ basis.T  # known principal directions: basis columns
+  r = index.principal_rotation(sample, 6)
+  assert r.dtype == np.float32 and r.shape == (16, 16)
+  np.testing.assert_allclose(r @ r.T, np.eye(16), atol=1e-5)
+  # The last 6 rows span the 6 lowest-variance directions (each is one of them up to sign, in descending order).
+  np.testing.assert_allclose(np.abs(np.sum(r[10:] * basis[:, 10:].T, axis=1)), 1.0, atol=1e-3)
+  # The leading 10 axes share the variance of the leading 10 directions, far more evenly than those directions do.
+  var = np.var(sample @ r[:10].T, axis=0)
+  assert var.max() / var.min() < 0.2 * (scales[0] / scales[9]) ** 2
+  np.testing.assert_allclose(var.sum(), np.sum(scales[:10] ** 2), rtol=0.03)
+  for bad in (-2, 3, 16):
+    with pytest.raises(ValueError, match="paired_dims must be even"):
+      index.principal_rotation(sample, bad)
+
+
+def test_paired_dims_index_is_smaller_with_the_same_recall(data, tmp_path):
+  x, q = data
+  x, q = np.tile(x, (1, 4)) / 2.0, np.tile(q, (1, 4)) / 2.0  # 128-d, unit norm
+  x = x + 0.02 * np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+  exact = index.build_index(x, backend="bruteforce")
+  recall = lambda got, want: np.mean([len(set(a) & set(b)) / want.shape[1] for a, b in zip(got, want)])  # noqa
+  kw = dict(num_leaves=200, num_leaves_to_search=40, training_sample_size=5000)
+  plain = index.build_index(x, backend="scann", **kw)
+  paired = index.build_index(x, backend="scann", paired_dims=32, **kw)
+  assert paired.params["paired_dims"] == 32 and paired.rotation.shape == (128, 128)
+  want = exact.search(q, 100)[1]
+  r_plain, r_paired = recall(plain.search(q, 100)[1], want), recall(paired.search(q, 100)[1], want)
+  assert r_paired >= 0.9 and r_paired >= r_plain - 0.03, (r_plain, r_paired)
+  # Scores are inner products with the un-rotated queries (the rotation is orthogonal): close to the exact ones.
+  s, i = paired.search(q, 100)
+  exact_s = np.take_along_axis(q @ x.T, np.maximum(i, 0), 1)
+  assert np.abs(s - exact_s).mean() < 0.05
+  plain.save(str(tmp_path / "plain"))
+  paired.save(str(tmp_path / "paired"))
+  codes = np.load(tmp_path / "paired" / "scann" / "hashed_dataset.nibbles.npy", allow_pickle=False)
+  assert codes.shape == (len(x), (128 - 16) // 2)  # 96 one-dim + 16 two-dim blocks, two codes per byte
+  saved = lambda name: plain.index_bytes(str(tmp_path / name)) / len(x)  # noqa
+  rotation_bytes = os.path.getsize(tmp_path / "paired" / "rotation.npy")  # shared: 64 KiB whatever the corpus size
+  assert rotation_bytes < 128 * 128 * 4 + 200
+  assert saved("paired") - rotation_bytes / len(x) < saved("plain") - 7.0  # 8 fewer code bytes per token
+  back = index.load_index(str(tmp_path / "paired"))
+  s2, i2 = back.search(q, 100)
+  np.testing.assert_array_equal(i, i2)
+  np.testing.assert_array_equal(s, s2)
+  rot = tmp_path / "paired" / "rotation.npy"
+  rot.write_bytes(rot.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+  with pytest.raises(ValueError, match="sha256 mismatch"):
+    index.load_index(str(tmp_path / "paired"))
+  with pytest.raises(ValueError, match="hash_type='lut16' and dimensions_per_block=1"):
+    index.build_index(x, backend="scann", paired_dims=32, dimensions_per_block=2, **kw)
+  with pytest.raises(ValueError, match="paired_dims must be even"):
+    index.build_index(x, backend="scann", paired_dims=31, **kw)

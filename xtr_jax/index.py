@@ -8,9 +8,17 @@ ScaNN defaults reproduce the official XTR notebook (google-deepmind/xtr, xtr_eva
 `builder(db, k, "dot_product").tree(num_leaves=min(2000, T), num_leaves_to_search=100,
 training_sample_size=min(250000, T)).score_ah(1, anisotropic_quantization_threshold=0.1).build()`, no reordering.
 Every parameter is a keyword of the gin-configurable `build_index` (gin name `xtr_build_index`).
-A saved ScaNN index keeps two 4-bit AH codes per byte and uint16 leaf ids (ScaNN's own serialize spends a byte per
-code and an int32 per leaf id: 133.7 -> 67.7 bytes/token measured on a 1.24M-token SciFact index at 128-d);
-`load_index` reads both layouts.
+A saved ScaNN index keeps two 4-bit AH codes per byte and each leaf id in ceil(log2(num_leaves)) bits (ScaNN's own
+serialize spends a byte per code and an int32 per leaf id: 133.7 -> 67.7 bytes/token measured on a 1.24M-token
+SciFact index at 128-d with uint16 leaf ids, the previous layout); `load_index` reads every layout.
+
+`paired_dims` (default 0: the notebook's code, 4 bits for every dimension) spends 2 bits per dimension on the
+`paired_dims` lowest-variance principal directions of the embeddings instead: the index stores database and queries
+in a rotated basis (`principal_rotation`: an orthogonal D x D matrix, so inner products are unchanged up to float
+rounding) whose last `paired_dims` axes are those directions, quantized two per 4-bit code (ScaNN's VARIABLE_CHUNK
+projection), while the leading axes are mixed by a seeded random rotation so that they share the variance evenly, as
+one 4-bit code per axis wants. At 16 paired dims the codes are 60 instead of 64 bytes/token with the same token
+recall (`python benchmarks/index_quantization_bench.py`).
 
 A search asking for k > T neighbours is clamped to k = T and the remaining columns are padding (-1 / -inf): the
 scorer treats them as missing, so asking for k' larger than the corpus is harmless.
@@ -22,6 +30,7 @@ import abc
 import functools
 import json
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -182,14 +191,17 @@ class ScannIndex(TokenIndex):
   backend = "scann"
 
   def __init__(self, searcher, *, num_tokens: int, dim: int, params: dict[str, Any],
-               identity: dict[str, Any] | None = None):
+               identity: dict[str, Any] | None = None, rotation: np.ndarray | None = None):
     super().__init__(num_tokens, dim, params, identity)
     self.searcher = searcher
     self.searcher.set_num_threads(int(self.params.get("search_threads", 1)))
+    self.rotation = rotation  # float32 [D, D] or None: the searcher holds rotation-applied embeddings
 
   def _search(self, q, k, leaves_to_search: int | None = None):
     if len(q) == 0:
       return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    if self.rotation is not None:
+      q = np.ascontiguousarray(q @ self.rotation.T)
     leaves = leaves_to_search or self.params["num_leaves_to_search"]
     kwargs: dict[str, Any] = {"final_num_neighbors": k, "leaves_to_search": leaves}
     if self.params.get("reorder_k"):
@@ -225,14 +237,79 @@ class ScannIndex(TokenIndex):
     os.makedirs(scann_dir, exist_ok=True)
     self.searcher.serialize(scann_dir, relative_path=True)
     _compact_scann_arrays(scann_dir)
-    return [os.path.join("scann", n) for n in sorted(os.listdir(scann_dir))]
+    files = [os.path.join("scann", n) for n in sorted(os.listdir(scann_dir))]
+    if self.rotation is not None:
+      np.save(os.path.join(directory, _ROTATION), self.rotation, allow_pickle=False)
+      files.append(_ROTATION)
+    return files
+
+
+_ROTATION = "rotation.npy"
+
+
+def principal_rotation(sample: np.ndarray, paired_dims: int, *, seed: int = 0) -> np.ndarray:
+  """Orthogonal basis for an index that quantizes `paired_dims` dimensions at half rate.
+
+  sample: float [S, D] embeddings (a training sample). Returns float32 [D, D] R with orthonormal rows; the index
+  stores x @ R.T. Its last `paired_dims` rows are the sample's lowest-variance principal directions (ascending
+  variance last); its first D - paired_dims rows span the other principal directions, mixed by a seeded random
+  orthogonal matrix so that each of those axes carries about the same variance (a single 4-bit code per axis
+  wastes bits on an axis with little variance and starves one with much).
+  """
+  sample = np.asarray(sample, np.float64)
+  d = sample.shape[1]
+  if paired_dims < 0 or paired_dims % 2 or paired_dims >= d:
+    raise ValueError(f"paired_dims must be even and in [0, {d}), got {paired_dims}")
+  eigval, eigvec = np.linalg.eigh(np.cov(sample, rowvar=False))
+  basis = eigvec[:, np.argsort(-eigval, kind="stable")].T  # rows: principal directions, variance descending
+  head = d - paired_dims
+  mix, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((head, head)))
+  basis[:head] = mix @ basis[:head]
+  return basis.astype(np.float32)
+
+
+_CHUNK_PROJECTION = re.compile(r"projection_type:\s*CHUNK\s+num_blocks:\s*(\d+)\s+num_dims_per_block:\s*1\b")
+
+
+def _paired_projection_config(config: str, dim: int, paired_dims: int) -> str:
+  """ScaNN's generated text config with its 1-dim CHUNK projection replaced by 1-dim blocks + 2-dim blocks."""
+  matches = _CHUNK_PROJECTION.findall(config)
+  if len(matches) != 1 or int(matches[0]) != dim:
+    raise RuntimeError("cannot find ScaNN's single CHUNK projection (num_blocks: {dim}, num_dims_per_block: 1) in "
+                       f"its generated config, so paired_dims cannot be applied; got:\n{config}")
+  return _CHUNK_PROJECTION.sub(
+      "projection_type: VARIABLE_CHUNK\n"
+      f"variable_blocks {{ num_blocks: {dim - paired_dims} num_dims_per_block: 1 }}\n"
+      f"variable_blocks {{ num_blocks: {paired_dims // 2} num_dims_per_block: 2 }}", config)
 
 
 # ScaNN serializes each 4-bit AH code in a whole byte and each token's leaf as int32; on disk we keep two codes per
-# byte and the leaf as uint16 (when it fits), which halves the index. `_load_scann_searcher` restores ScaNN's own
-# layout in a temporary directory just long enough for `load_searcher` to read it into memory.
+# byte and the leaf in just enough bits for the largest leaf id, which halves the index. `_load_scann_searcher`
+# restores ScaNN's own layout in a temporary directory just long enough for `load_searcher` to read it into memory.
 _CODES, _LEAVES = "hashed_dataset.npy", "datapoint_to_token.npy"
-_PACKED_CODES, _PACKED_LEAVES = "hashed_dataset.nibbles.npy", "datapoint_to_token.uint16.npy"
+_PACKED_CODES = "hashed_dataset.nibbles.npy"
+_PACKED_LEAVES = "datapoint_to_token.uint16.npy"  # leaf ids as uint16: indexes saved before the bit-packed layout
+_BIT_LEAVES = "datapoint_to_token.bits.npy"
+
+
+def pack_bits(values: np.ndarray) -> tuple[np.ndarray, int]:
+  """Non-negative int [T] -> (uint8 [ceil(T * bits / 8)], bits): each value in `bits` = max(1, bit_length(max)) bits,
+  little-endian, value after value."""
+  values = np.asarray(values)
+  if values.ndim != 1 or (values.size and int(values.min()) < 0):
+    raise ValueError(f"pack_bits takes a 1-D array of non-negative integers, got shape {values.shape}")
+  bits = max(1, int(values.max()).bit_length()) if values.size else 1
+  planes = ((values.astype(np.int64)[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+  return np.packbits(planes, axis=None, bitorder="little"), bits
+
+
+def unpack_bits(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+  """Inverse of `pack_bits`: uint8 [ceil(count * bits / 8)] -> int32 [count]."""
+  if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != -(-count * bits // 8):
+    raise ValueError(f"expected uint8 [{-(-count * bits // 8)}] for {count} values of {bits} bits, got "
+                     f"{packed.dtype} {list(packed.shape)}")
+  planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+  return (planes.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1, dtype=np.int32)
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -264,21 +341,23 @@ def _compact_scann_arrays(scann_dir: str) -> None:
       os.remove(codes_path)
   if os.path.isfile(leaves_path):
     leaves = np.load(leaves_path, allow_pickle=False)
-    if leaves.ndim == 1 and leaves.dtype == np.int32 and (leaves.size == 0 or
-                                                          (leaves.min() >= 0 and leaves.max() < 2**16)):
-      np.save(os.path.join(scann_dir, _PACKED_LEAVES), leaves.astype(np.uint16), allow_pickle=False)
+    if leaves.ndim == 1 and leaves.dtype == np.int32 and (leaves.size == 0 or leaves.min() >= 0):
+      packed, bits = pack_bits(leaves)
+      np.save(os.path.join(scann_dir, _BIT_LEAVES), packed, allow_pickle=False)
+      with open(os.path.join(scann_dir, _BIT_LEAVES + ".json"), "w", encoding="utf-8") as f:
+        json.dump({"count": int(leaves.size), "bits": bits}, f)
       os.remove(leaves_path)
 
 
 def _load_scann_searcher(scann_dir: str):
   """`scann.load_searcher` on a directory written by `ScannIndex._save_files` (compact or ScaNN's own layout)."""
   import scann  # pylint: disable=g-import-not-at-top
-  compact = [n for n in (_PACKED_CODES, _PACKED_LEAVES) if os.path.isfile(os.path.join(scann_dir, n))]
+  compact = [n for n in (_PACKED_CODES, _PACKED_LEAVES, _BIT_LEAVES) if os.path.isfile(os.path.join(scann_dir, n))]
   if not compact:
     return scann.scann_ops_pybind.load_searcher(scann_dir)
   with tempfile.TemporaryDirectory(prefix="xtr_scann_") as tmp:
     for name in os.listdir(scann_dir):
-      if name not in (_PACKED_CODES, _PACKED_CODES + ".json", _PACKED_LEAVES):
+      if name not in (_PACKED_CODES, _PACKED_CODES + ".json", _PACKED_LEAVES, _BIT_LEAVES, _BIT_LEAVES + ".json"):
         os.symlink(os.path.abspath(os.path.join(scann_dir, name)), os.path.join(tmp, name))
     if _PACKED_CODES in compact:
       meta_path = os.path.join(scann_dir, _PACKED_CODES + ".json")
@@ -293,15 +372,33 @@ def _load_scann_searcher(scann_dir: str):
     if _PACKED_LEAVES in compact:
       leaves = np.load(os.path.join(scann_dir, _PACKED_LEAVES), allow_pickle=False)
       np.save(os.path.join(tmp, _LEAVES), leaves.astype(np.int32), allow_pickle=False)
+    if _BIT_LEAVES in compact:
+      with open(os.path.join(scann_dir, _BIT_LEAVES + ".json"), encoding="utf-8") as f:
+        meta = json.load(f)
+      try:
+        leaves = unpack_bits(np.load(os.path.join(scann_dir, _BIT_LEAVES), allow_pickle=False), int(meta["count"]),
+                             int(meta["bits"]))
+      except ValueError as e:
+        raise ValueError(f"{scann_dir}/{_BIT_LEAVES}: {e}") from e
+      np.save(os.path.join(tmp, _LEAVES), leaves, allow_pickle=False)
     return scann.scann_ops_pybind.load_searcher(tmp)
 
 
 def _build_scann(embeddings: np.ndarray, *, num_neighbors: int, num_leaves: int, num_leaves_to_search: int,
                  training_sample_size: int, dimensions_per_block: int, anisotropic_quantization_threshold: float,
-                 hash_type: str, reorder_k: int, spherical: bool, training_threads: int):
+                 hash_type: str, reorder_k: int, spherical: bool, training_threads: int, paired_dims: int):
+  """-> (ScaNN searcher, float32 [D, D] rotation or None)."""
   import scann  # pylint: disable=g-import-not-at-top
   t = embeddings.shape[0]
   db = np.ascontiguousarray(embeddings, dtype=np.float32)
+  rotation = None
+  if paired_dims:
+    if hash_type != "lut16" or dimensions_per_block != 1:
+      raise ValueError(f"paired_dims needs hash_type='lut16' and dimensions_per_block=1 (it pairs dimensions of the "
+                       f"1-dim 4-bit code), got hash_type={hash_type!r}, dimensions_per_block={dimensions_per_block}")
+    rows = np.random.default_rng(0).choice(t, size=min(training_sample_size, t), replace=False)
+    rotation = principal_rotation(db[np.sort(rows)], paired_dims)
+    db = np.ascontiguousarray(db @ rotation.T)
   builder = scann.scann_ops_pybind.builder(db, num_neighbors, "dot_product").tree(
       num_leaves=min(num_leaves, t), num_leaves_to_search=min(num_leaves_to_search, min(num_leaves, t)),
       training_sample_size=min(training_sample_size, t), spherical=spherical).score_ah(
@@ -311,7 +408,10 @@ def _build_scann(embeddings: np.ndarray, *, num_neighbors: int, num_leaves: int,
     builder = builder.reorder(reorder_k)
   if training_threads:
     builder = builder.set_n_training_threads(training_threads)
-  return builder.build()
+  if not paired_dims:
+    return builder.build(), None
+  config = _paired_projection_config(builder.create_config(), db.shape[1], paired_dims)
+  return scann.scann_ops_pybind.create_searcher(db, config), rotation
 
 
 @gin.configurable("xtr_build_index", denylist=["embeddings", "identity"])
@@ -319,13 +419,15 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
                 num_neighbors: int = 1000, num_leaves: int = 2000, num_leaves_to_search: int = 100,
                 training_sample_size: int = 250000, dimensions_per_block: int = 1,
                 anisotropic_quantization_threshold: float = 0.1, hash_type: str = "lut16", reorder_k: int = 0,
-                spherical: bool = False, training_threads: int = 0, search_threads: int = 1,
+                spherical: bool = False, training_threads: int = 0, paired_dims: int = 0, search_threads: int = 1,
                 chunk_size: int = 65536, query_batch: int = 1024) -> TokenIndex:
   """Builds a token index over `embeddings` float16/float32 [T, D] (row t = global token id t).
 
   ScaNN keywords (num_leaves .. spherical) follow `scann_builder`; num_leaves, num_leaves_to_search and
   training_sample_size are clamped to T as the XTR notebook does. `reorder_k` > 0 adds exact float reordering of
-  that many AH candidates. `search_threads` > 1 uses ScaNN's parallel batched search. Brute force keywords:
+  that many AH candidates. `paired_dims` (even, lut16 with 1 dim per block only) quantizes that many
+  lowest-variance principal directions two per 4-bit code in a rotated basis (module docstring; 0 = the notebook's
+  code). `search_threads` > 1 uses ScaNN's parallel batched search. Brute force keywords:
   chunk_size (tokens per matmul) and query_batch (query vectors per call). `identity` (model / vocab / dim facts)
   is stored in the manifest for compatibility checks at load time.
   """
@@ -341,13 +443,14 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
               "dimensions_per_block": int(dimensions_per_block),
               "anisotropic_quantization_threshold": float(anisotropic_quantization_threshold),
               "hash_type": str(hash_type), "reorder_k": int(reorder_k), "spherical": bool(spherical),
-              "training_threads": int(training_threads)}
-    searcher = _build_scann(embeddings, **params)
+              "training_threads": int(training_threads), "paired_dims": int(paired_dims)}
+    searcher, rotation = _build_scann(embeddings, **params)
     t = embeddings.shape[0]
     params.update(num_leaves=min(params["num_leaves"], t), training_sample_size=min(params["training_sample_size"], t),
                   search_threads=int(search_threads))
     params["num_leaves_to_search"] = min(params["num_leaves_to_search"], params["num_leaves"])
-    idx = ScannIndex(searcher, num_tokens=t, dim=embeddings.shape[1], params=params, identity=identity)
+    idx = ScannIndex(searcher, num_tokens=t, dim=embeddings.shape[1], params=params, identity=identity,
+                     rotation=rotation)
   idx.build_seconds = time.perf_counter() - start
   return idx
 
@@ -402,7 +505,14 @@ def load_index(directory: str, *, expect_identity: dict[str, Any] | None = None,
       raise ValueError(f"{scann_dir}/scann_docids.pkl: refusing to load a pickle (this project never writes docids)")
     if search_threads is not None:
       params["search_threads"] = int(search_threads)
+    rotation = None
+    if params.get("paired_dims"):
+      rotation = np.load(os.path.join(directory, _ROTATION), allow_pickle=False)
+      d = manifest["dim"]
+      if rotation.dtype != np.float32 or rotation.shape != (d, d):
+        raise ValueError(f"{directory}/{_ROTATION}: expected float32 [{d}, {d}], got {rotation.dtype} "
+                         f"{list(rotation.shape)}")
     searcher = _load_scann_searcher(scann_dir)
     return ScannIndex(searcher, num_tokens=manifest["num_tokens"], dim=manifest["dim"], params=params,
-                      identity=identity)
+                      identity=identity, rotation=rotation)
   raise ValueError(f"{path}: backend expected one of {BACKENDS}, got {manifest['backend']!r}")
