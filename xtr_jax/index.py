@@ -251,10 +251,10 @@ def principal_rotation(sample: np.ndarray, paired_dims: int, *, seed: int = 0) -
   """Orthogonal basis for an index that quantizes `paired_dims` dimensions at half rate.
 
   sample: float [S, D] embeddings (a training sample). Returns float32 [D, D] R with orthonormal rows; the index
-  stores x @ R.T. Its last `paired_dims` rows are the sample's lowest-variance principal directions (ascending
-  variance last); its first D - paired_dims rows span the other principal directions, mixed by a seeded random
-  orthogonal matrix so that each of those axes carries about the same variance (a single 4-bit code per axis
-  wastes bits on an axis with little variance and starves one with much).
+  stores x @ R.T. Its last `paired_dims` rows are the sample's lowest-variance principal directions (in descending
+  order of variance, so adjacent rows pair up); its first D - paired_dims rows span the other principal directions,
+  mixed by a seeded random orthogonal matrix so that each of those axes carries about the same variance (a single
+  4-bit code per axis wastes bits on an axis with little variance and starves one with much).
   """
   sample = np.asarray(sample, np.float64)
   d = sample.shape[1]
@@ -275,7 +275,7 @@ def _paired_projection_config(config: str, dim: int, paired_dims: int) -> str:
   """ScaNN's generated text config with its 1-dim CHUNK projection replaced by 1-dim blocks + 2-dim blocks."""
   matches = _CHUNK_PROJECTION.findall(config)
   if len(matches) != 1 or int(matches[0]) != dim:
-    raise RuntimeError("cannot find ScaNN's single CHUNK projection (num_blocks: {dim}, num_dims_per_block: 1) in "
+    raise RuntimeError(f"cannot find ScaNN's single CHUNK projection (num_blocks: {dim}, num_dims_per_block: 1) in "
                        f"its generated config, so paired_dims cannot be applied; got:\n{config}")
   return _CHUNK_PROJECTION.sub(
       "projection_type: VARIABLE_CHUNK\n"
