@@ -214,20 +214,17 @@ def main() -> None:
   print(f"index notebook AH dpb=1 as ScaNN serializes it: {dir_bytes(raw_dir) / t_tokens:.1f} bytes/token; "
         f"our compact layout: {nb_bytes:.1f}", flush=True)
   indexes = [("notebook AH dpb=1", nb, build_s, nb_bytes)]
-  if args.extra_dims_per_block:
+  extra = [(f"AH dpb={args.extra_dims_per_block}", f"scann_dpb{args.extra_dims_per_block}",
+            {"dimensions_per_block": args.extra_dims_per_block}) if args.extra_dims_per_block else None,
+           (f"AH paired={args.extra_paired_dims}", f"scann_paired{args.extra_paired_dims}",
+            {"paired_dims": args.extra_paired_dims}) if args.extra_paired_dims else None]
+  for name, dirname, kwargs in filter(None, extra):  # same build / save / size measurement as the notebook index
     t0 = time.perf_counter()
-    small = index_lib.build_index(emb, backend="scann", dimensions_per_block=args.extra_dims_per_block)
-    sbuild = time.perf_counter() - t0
-    sdir = os.path.join(args.cache, f"scann_dpb{args.extra_dims_per_block}_{args.max_docs}")
-    small.save(sdir)
-    indexes.append((f"AH dpb={args.extra_dims_per_block}", small, sbuild, small.index_bytes(sdir) / t_tokens))
-  if args.extra_paired_dims:
-    t0 = time.perf_counter()
-    paired = index_lib.build_index(emb, backend="scann", paired_dims=args.extra_paired_dims)
-    pbuild = time.perf_counter() - t0
-    pdir = os.path.join(args.cache, f"scann_paired{args.extra_paired_dims}_{args.max_docs}")
-    paired.save(pdir)
-    indexes.append((f"AH paired={args.extra_paired_dims}", paired, pbuild, paired.index_bytes(pdir) / t_tokens))
+    idx = index_lib.build_index(emb, backend="scann", **kwargs)
+    seconds = time.perf_counter() - t0
+    idx_dir = os.path.join(args.cache, f"{dirname}_{args.max_docs}")
+    idx.save(idx_dir)
+    indexes.append((name, idx, seconds, idx.index_bytes(idx_dir) / t_tokens))
   for name, _, b, by in indexes:
     print(f"index {name}: build {b:.1f}s, {by:.1f} bytes/token", flush=True)
   tid2did = {tid: int(d) for tid, d in enumerate(token_doc)}  # the notebook's token -> document dict
