@@ -106,12 +106,8 @@ def main() -> None:
     if pairs:
       if dpb != 1:
         raise ValueError(f"{spec}: +2xN mixes 2-dim blocks into 1-dim ones only")
-      chunk = f"projection_type: CHUNK\n        num_blocks: {x.shape[1]}\n        num_dims_per_block: 1"
-      if chunk not in config:
-        raise RuntimeError(f"ScaNN's generated config changed; cannot find its projection block:\n{config}")
-      config = config.replace(chunk, "projection_type: VARIABLE_CHUNK\n"
-                              f"variable_blocks {{ num_blocks: {x.shape[1] - 2 * pairs} num_dims_per_block: 1 }}\n"
-                              f"variable_blocks {{ num_blocks: {pairs} num_dims_per_block: 2 }}")
+      # The same config rewrite as build_index(paired_dims=...), on the raw (unrotated) coordinates.
+      config = index_lib._paired_projection_config(config, x.shape[1], 2 * pairs)  # pylint: disable=protected-access
       blocks = x.shape[1] - pairs
     searcher = scann.scann_ops_pybind.create_searcher(x, config)
     build_s = time.perf_counter() - t0
