@@ -50,6 +50,21 @@ def test_lexical_token_ratio_by_hand():
   np.testing.assert_allclose(same["per_query"], [1 / 3, 1 / 3])
 
 
+def test_token_recall_by_hand():
+  # Exact top-2 vs approximate top-2 token rows; query 0 token 2 is padding, query 1 token 2 has no exact hits.
+  exact = np.array([[[4, 5], [6, -1], [1, 2]], [[7, 8], [9, 3], [-1, -1]]], np.int32)
+  approx = np.array([[[5, 0], [-1, -1], [1, 2]], [[8, 7], [9, 2], [3, 4]]], np.int32)
+  out = analysis.token_recall(approx, exact, Q_MASK)
+  # q0: exact hits 4, 5, 6 -> only 5 found (padding token's perfect match ignored): 1/3
+  # q1: exact hits 7, 8, 9, 3 -> 7, 8, 9 found (3 came back for another query token, which does not count): 3/4
+  np.testing.assert_allclose(out["per_query"], [1 / 3, 3 / 4])
+  assert out["mean"] == pytest.approx((1 / 3 + 3 / 4) / 2)
+  same = analysis.token_recall(exact, exact, Q_MASK)
+  np.testing.assert_allclose(same["per_query"], [1.0, 1.0])
+  with pytest.raises(ValueError, match="approx_tokens shape"):
+    analysis.token_recall(approx[:, :, :1], exact, Q_MASK)
+
+
 def test_cost_analysis_by_hand():
   out = analysis.cost_analysis(HIT_DOCS, Q_MASK, np.array([10, 20, 30, 40]), token_dim=4, k_prime=2)
   assert out["n_bar"] == pytest.approx(2.5)  # 2 and 3 valid query tokens

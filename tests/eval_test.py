@@ -166,6 +166,9 @@ def test_end_to_end_scifact_subset(tmp_path, scifact_subset, model_dir, capsys):
   # with every token retrieved, each candidate's retrieved tokens are all of its tokens times the query length
   c = metrics["analysis"]["10000"]["cost"]
   assert c["candidates_per_query"] == N_DOCS
+  # ... so the ScaNN index found every exact hit; at k'=8 it is measured against the exact search of the same run
+  assert metrics["analysis"]["10000"]["token_recall_vs_exact"] == pytest.approx(1.0)
+  assert 0.5 <= metrics["analysis"]["8"]["token_recall_vs_exact"] <= 1.0
   assert c["r_bar"] == pytest.approx(c["n_bar"] * c["m_bar"], rel=1e-6)
 
   # printed summary table and summary files

@@ -27,7 +27,9 @@ def test_tables_from_eval_outputs(tmp_path):
   a = _write_eval(tmp_path / "a", {"scifact": {"xtr-kth-k100": 0.70, "colbert-k1000": 0.72, "bm25": 0.66,
                                                "xtr-kth-k1000": 0.715}},
                   analysis={"100": {"gold_token_ratio": 0.25, "lexical_token_ratio": 0.5,
-                                    "cost": {"candidates_per_query": 321.4}}})
+                                    "cost": {"candidates_per_query": 321.4}},
+                            "1000": {"gold_token_ratio": 0.125, "lexical_token_ratio": 0.375,
+                                     "cost": {"candidates_per_query": 900.0}, "token_recall_vs_exact": 0.9125}})
   b = _write_eval(tmp_path / "b", {"scifact": {"xtr-kth-k100": 0.74, "colbert-k100": 0.745, "bm25": 0.66},
                                    "cranfield": {"xtr-zero-k100": 0.30, "bm25": 0.35}})
   out = tmp_path / "r" / "results.md"
@@ -45,7 +47,8 @@ def test_tables_from_eval_outputs(tmp_path):
   assert "| untrained | scifact | 72.0 (k'=1000) | k'=100, k'=1000 | 70.0 (-2.0) / 71.5 (-0.5) |" in lines
   assert "| trained | scifact | 74.5 (k'=100) | k'=100 | 74.0 (-0.5) |" in lines
   assert not any(line.startswith("| trained | cranfield | ") and "(k'=" in line for line in lines)
-  assert "| untrained | scifact | 100 | 0.250 | 0.500 | 321 |" in lines
+  assert "| untrained | scifact | 100 | 0.250 | 0.500 | 321 | – |" in lines  # no exact search: no token recall
+  assert "| untrained | scifact | 1000 | 0.125 | 0.375 | 900 | 0.912 |" in lines
 
 
 def test_missing_eval_output_is_named(tmp_path):

@@ -11,8 +11,11 @@ vocabulary id (`TokenStore.token_doc` / `.token_ids`):
 * gold-token ratio (paper section 6.1): share of the retrieved tokens that belong to a relevant document.
 * lexical-token ratio: share of the retrieved tokens whose vocabulary id equals some token id of the query
   (`same_position=True`: equals the id of the query token that retrieved it, the stricter reading).
-Both are computed per query and averaged over queries (each query weighs the same); queries with no valid hits are
-left out of the mean and counted in `queries_without_hits`.
+* token recall vs exact search: share of the exact top-k' tokens of each query token that an approximate index
+  (ScaNN) also returned. Label-free, so it can pick index settings without touching relevance judgments; it is what
+  separates ScaNN from exact XTR scoring (the retrieved scores themselves are within ~0.005 of the exact ones).
+All three are computed per query and averaged over queries (each query weighs the same); queries with no valid hits
+are left out of the mean and counted in `queries_without_hits`.
 
 * cost analysis (paper section 3.3, measured instead of assumed): mean query length n, mean document length m, mean
   number of retrieved tokens per candidate document r, the paper's operation counts
@@ -98,6 +101,30 @@ def lexical_token_ratio(hit_docs: np.ndarray, hit_vocab: np.ndarray, q_ids: np.n
     for q in range(hit_docs.shape[0]):
       matches[q] = np.isin(hit_vocab[q], q_ids[q][np.asarray(q_mask[q], dtype=bool)])
   return _per_query_mean(matches, valid)
+
+
+def token_recall(approx_tokens: np.ndarray, exact_tokens: np.ndarray, q_mask: np.ndarray) -> dict[str, Any]:
+  """Share of the exact search's tokens that the approximate search also retrieved, per query token.
+
+  Args:
+    approx_tokens: int [Nq, n, k'] global token rows an approximate index returned, -1 = none.
+    exact_tokens: int [Nq, n, k'] the exact top-k' token rows of the same query tokens, -1 = none.
+    q_mask: bool [Nq, n].
+
+  Returns:
+    {"mean": float, "per_query": float64 [Nq] (nan: no exact hits), "queries_without_hits": int}: per query, the
+    exact hits of its valid tokens found by the approximate search over all its valid exact hits.
+  """
+  approx_tokens = np.asarray(approx_tokens)
+  exact_tokens, valid = _check_hits(exact_tokens, q_mask)
+  if approx_tokens.shape != exact_tokens.shape:
+    raise ValueError(f"approx_tokens shape {approx_tokens.shape} != exact_tokens shape {exact_tokens.shape}")
+  rows = approx_tokens.reshape(-1, approx_tokens.shape[-1])
+  found = np.zeros(exact_tokens.shape, dtype=bool).reshape(rows.shape)
+  exact_rows = exact_tokens.reshape(rows.shape)
+  for r in np.flatnonzero(np.asarray(q_mask, dtype=bool).reshape(-1)):
+    found[r] = np.isin(exact_rows[r], rows[r][rows[r] >= 0])
+  return _per_query_mean(found.reshape(exact_tokens.shape), valid)
 
 
 def cost_analysis(hit_docs: np.ndarray, q_mask: np.ndarray, doc_lengths: np.ndarray, *, token_dim: int,

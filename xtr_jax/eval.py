@@ -464,6 +464,7 @@ def evaluate_dataset(encoder, root: str, split: str, out_dir: str, *, index_dir:
                to_rankings(qids, d, s, store.doc_ids, top_k, drop_self=drop_self),
                {"query_encoding_ms_per_query": enc_ms, "token_retrieval_ms_per_query": ret_ms,
                 "scoring_ms_per_query": 1000 * colbert_s / nq}, "colbert", k_prime)
+    ex = None
     if exact_index is not None:
       ex = retrieve_tokens(exact_index, q, q_mask, store.token_doc, k_prime, batch_size=query_batch_size,
                            desc="exact token retrieval")
@@ -477,7 +478,7 @@ def evaluate_dataset(encoder, root: str, split: str, out_dir: str, *, index_dir:
       result["analysis"][str(k_prime)] = token_analyses(
           ret, q_mask, encoder.model.tokenize_queries(list(texts))[0], store, qids, qrels, doc_lengths,
           k_prime=k_prime, imputations=imputations, constant=constant, colbert_seconds=colbert_s,
-          top_k=k_ret, batch_size=query_batch_size)
+          top_k=k_ret, batch_size=query_batch_size, exact=ex)
 
   if run_bm25:
     rankings, t = bm25_lib.bm25_rankings(
@@ -506,8 +507,9 @@ def evaluate_dataset(encoder, root: str, split: str, out_dir: str, *, index_dir:
 def token_analyses(ret: Retrieved, q_mask: np.ndarray, q_ids: np.ndarray, store, qids: Sequence[str],
                    qrels: Mapping[str, Mapping[str, int]], doc_lengths: np.ndarray, *, k_prime: int,
                    imputations: Sequence[str], constant: float, colbert_seconds: float | None, top_k: int,
-                   batch_size: int) -> dict[str, Any]:
-  """Gold-token and lexical-token ratios and the cost analysis of one k' (see `xtr_jax.analysis`)."""
+                   batch_size: int, exact: Retrieved | None = None) -> dict[str, Any]:
+  """Gold-token and lexical-token ratios and the cost analysis of one k' (see `xtr_jax.analysis`); with `exact`
+  (the exact search's hits for the same queries and k'), the token recall of `ret` against it."""
   index_of = {d: i for i, d in enumerate(store.doc_ids)}
   relevant = [{index_of[d] for d, r in qrels[q].items() if r > 0 and d in index_of} for q in qids]
   hit_vocab = np.where(ret.tokens >= 0, store.token_ids[np.maximum(ret.tokens, 0)], -1)
@@ -526,7 +528,9 @@ def token_analyses(ret: Retrieved, q_mask: np.ndarray, q_ids: np.ndarray, store,
   cost["bytes_ratio"] = cost["colbert_bytes_per_query"] / max(cost["xtr_bytes_per_query"], 1e-12)
   return {"gold_token_ratio": gold["mean"], "lexical_token_ratio": lexical["mean"],
           "lexical_token_ratio_same_position": lexical_same["mean"],
-          "queries_without_hits": gold["queries_without_hits"], "cost": cost}
+          "queries_without_hits": gold["queries_without_hits"], "cost": cost,
+          "token_recall_vs_exact": (analysis.token_recall(ret.tokens, exact.tokens, q_mask)["mean"]
+                                    if exact is not None else None)}
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -119,15 +119,17 @@ def xtr_vs_colbert(evals: Sequence[tuple[str, Mapping[str, dict]]], metric: str 
 
 
 def analysis_table(evals: Sequence[tuple[str, Mapping[str, dict]]]) -> str:
-  """Table 3: gold-token and lexical-token ratios per (model, dataset, k') where --analysis was run."""
+  """Table 3: gold-token and lexical-token ratios per (model, dataset, k') where --analysis was run, and the token
+  index's recall against exact search where the evaluation also ran exact search."""
   rows = []
   for label, per_dataset in evals:
     for d, res in per_dataset.items():
       for kp, a in sorted(res.get("analysis", {}).items(), key=lambda kv: int(kv[0])):
+        recall = a.get("token_recall_vs_exact")  # absent from evaluations without exact search (or older ones)
         rows.append([label, d, str(kp), f"{a['gold_token_ratio']:.3f}", f"{a['lexical_token_ratio']:.3f}",
-                     f"{a['cost']['candidates_per_query']:.0f}"])
-  return _table(["model", "dataset", "k'", "gold-token ratio", "lexical-token ratio", "candidate docs / query"],
-                rows)
+                     f"{a['cost']['candidates_per_query']:.0f}", "–" if recall is None else f"{recall:.3f}"])
+  return _table(["model", "dataset", "k'", "gold-token ratio", "lexical-token ratio", "candidate docs / query",
+                 "token recall vs exact"], rows)
 
 
 @gin.configurable("xtr_report")
