@@ -3,6 +3,7 @@ skip rules, and an exact resume after SIGKILL."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -181,6 +182,57 @@ def test_start_from_converted_hf_checkpoint_skips_head(tmp_path, t5_vocab):
                           partitioner=partitioning.Partitioner(mesh=partitioning.make_mesh(data=8)))
   with pytest.raises(ValueError, match=r"params/encoder/.*needs \(32, 48\)"):
     checkpointing.apply_restore_rules(small.init_state(jax.random.PRNGKey(0)), source, no_head_rule)
+
+
+def test_relayout_layers_round_trip_and_errors():
+  rng = np.random.default_rng(0)
+  per_layer = {f"{root}/encoder/layers_{i}/attention/{w}": rng.normal(size=(3, 4)).astype(np.float32)
+               for root in ("params", "opt_state/0/mu") for i in range(3) for w in ("q", "k")}
+  per_layer["params/encoder/token_embedder/embedding"] = rng.normal(size=(5, 4)).astype(np.float32)
+  per_layer["opt_state/0/count"] = np.array(7, np.int32)
+  scanned = checkpointing.relayout_layers(per_layer, scan_layers=True)
+  assert set(scanned) == {"params/encoder/layers/attention/q", "params/encoder/layers/attention/k",
+                          "opt_state/0/mu/encoder/layers/attention/q", "opt_state/0/mu/encoder/layers/attention/k",
+                          "params/encoder/token_embedder/embedding", "opt_state/0/count"}
+  np.testing.assert_array_equal(scanned["opt_state/0/mu/encoder/layers/attention/k"][2],
+                                per_layer["opt_state/0/mu/encoder/layers_2/attention/k"])
+  assert checkpointing.relayout_layers(scanned, scan_layers=True).keys() == scanned.keys()  # already scanned
+  back = checkpointing.relayout_layers(scanned, scan_layers=False)
+  assert back.keys() == per_layer.keys()
+  for k, v in per_layer.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+  gap = {k: v for k, v in per_layer.items() if "layers_1/" not in k}
+  with pytest.raises(ValueError, match=r"params/encoder/layers_<i>/attention/q: layers \[0, 2\] are not numbered"):
+    checkpointing.relayout_layers(gap, scan_layers=True)
+
+
+def test_scanned_remat_model_starts_from_per_layer_checkpoint(tmp_path, t5_vocab):
+  """A run with scan_layers + remat (the low-memory layout) starts from a per-layer converted checkpoint and computes
+  the same loss as the per-layer model started from it."""
+  from xtr_jax import convert  # pylint: disable=g-import-not-at-top
+  _tiny_hf_t5(tmp_path / "hf", t5_vocab)
+  convert.convert_xtr_checkpoint(source=str(tmp_path / "hf"), output_dir=str(tmp_path / "converted"))
+  cfg = checkpointing.RestoreConfig(path=str(tmp_path / "converted"), rules=(("opt_state/.*", None),))
+  base = models.load_pretrained(str(tmp_path / "converted")).model
+  losses_by_layout, params_by_layout = {}, {}
+  for scan in (False, True):
+    enc = dataclasses.replace(base.encoder_config, scan_layers=scan, remat=scan)
+    model = models.XTRModel(encoder_config=enc, token_dim=base.token_dim, query_max_len=8, doc_max_len=16,
+                            loss=lambda *a: losses.xtr_loss(*a, k_train=16))
+    tr = trainer.Trainer(model=model, optimizer=optax.adamw(1e-3),
+                         partitioner=partitioning.Partitioner(mesh=partitioning.make_mesh(data=8)))
+    source = checkpointing.load_source_tree(cfg.path, scan_layers=scan)
+    state, loaded, skipped = checkpointing.apply_restore_rules(tr.init_state(jax.random.PRNGKey(0)), source, cfg)
+    assert all(n in loaded for n in source), sorted(set(source) - set(loaded))
+    assert any("/encoder/layers/" in n for n in loaded) == scan
+    params_by_layout[scan] = checkpointing.relayout_layers(
+        checkpointing.flatten_with_names(jax.device_get(state.params)), scan_layers=False)
+    batch = _random_batch(8, base.encoder_config.vocab_size)
+    losses_by_layout[scan] = float(model.loss_fn(state.params, batch, None)[0])
+  assert params_by_layout[True].keys() == params_by_layout[False].keys()
+  for k, v in params_by_layout[False].items():
+    np.testing.assert_array_equal(params_by_layout[True][k], v, err_msg=k)
+  assert losses_by_layout[True] == pytest.approx(losses_by_layout[False], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL and resume

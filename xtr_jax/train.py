@@ -164,7 +164,9 @@ def train(*, model: Any = gin.REQUIRED, partitioner: partitioning.Partitioner | 
   else:
     state = tr.init_state(init_rng)
     if restore_cfg is not None:
-      source = checkpointing.load_source_tree(restore_cfg.path, vocab_path=restore_cfg.vocab_path)
+      source = checkpointing.load_source_tree(
+          restore_cfg.path, vocab_path=restore_cfg.vocab_path,
+          scan_layers=model.encoder_config.scan_layers)
       state, loaded, skipped = checkpointing.apply_restore_rules(state, source, restore_cfg)
       if is_chief:
         print(f"[train] started from {restore_cfg.path}: {len(loaded)} arrays loaded, {len(skipped)} kept "
