@@ -8,6 +8,11 @@ real `Trainer.train_step` once to compile, then `--steps` more steps one by one 
 `time.process_time()` (all threads of the process), so it stays meaningful on a machine shared with other jobs, where
 wall time does not. The estimate for TRAIN_STEPS steps is given for an idle machine with all its cores busy (CPU time /
 cores) and with one core (CPU time): the bounds of the wall time of `python -m xtr_jax.train` without setup.
+
+`--memory_only` compiles the step for the experiment's batch shape (BATCH_SIZE, NUM_NEGATIVES, QUERY_MAX_LEN,
+DOC_MAX_LEN) without data or parameters and prints XLA's memory analysis: the temporaries are what a step adds to the
+resident parameters and optimizer state, e.g. `--gin.BertEncoderConfig.scan_layers=True
+--gin.BertEncoderConfig.remat=True` vs the plain layer loop.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--gin_file", default="experiments/xtr_minilm_cpu.gin")
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--memory_only", action="store_true", help="compile one step and print its memory analysis")
   args, rest = ap.parse_known_args()
 
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   exp = _experiment.load_experiment(args.gin_file, rest)
+  if args.memory_only:
+    compiled_memory(exp["trainer"], args.gin_file, rest)
+    return
   total_steps = int(gin.query_parameter("%TRAIN_STEPS"))
   data, tr = exp["data"], exp["trainer"]
   state = tr.init_state(jax.random.PRNGKey(0))
@@ -57,6 +66,34 @@ def main() -> None:
   print(f"{f'median of {len(rows) - 1} steps':<28}{wall:>10.1f}{cpu:>10.1f}")
   print(f"estimate for {total_steps} steps on an idle machine: {total_steps * cpu / cores / 60:.0f} min "
         f"({cores} cores busy) to {total_steps * cpu / 60:.0f} min (one core), plus setup")
+
+
+def compiled_memory(tr, gin_file: str, gin_args: list[str]) -> None:
+  """Prints the compiled train step's memory analysis for the experiment's batch shape (nothing is allocated)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  b, g = int(gin.query_parameter("%BATCH_SIZE")), 1 + int(gin.query_parameter("%NUM_NEGATIVES"))
+  lq, ld = int(gin.query_parameter("%QUERY_MAX_LEN")), int(gin.query_parameter("%DOC_MAX_LEN"))
+  shapes = {"query_tokens": ((b, lq), jnp.int32), "query_mask": ((b, lq), jnp.bool_),
+            "doc_tokens": ((b, g, ld), jnp.int32), "doc_mask": ((b, g, ld), jnp.bool_)}
+  batch = {k: jax.ShapeDtypeStruct(s, d, sharding=tr.partitioner.batch_sharding(len(s)))
+           for k, (s, d) in shapes.items()}
+  state = jax.eval_shape(tr._init_fn, jax.random.PRNGKey(0))  # pylint: disable=protected-access
+  replicated = tr.partitioner.replicated()
+  batch_shardings = {k: v.sharding for k, v in batch.items()}
+  train_fn = tr._train_fn  # pylint: disable=protected-access
+  step = jax.jit(train_fn, in_shardings=(tr.state_shardings, batch_shardings, replicated),
+                 out_shardings=(tr.state_shardings, replicated), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  with jax.set_mesh(tr.mesh):
+    mem = step.lower(state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile().memory_analysis()
+  gib = lambda x: f"{x / 2**30:.2f} GiB"
+  print(f"{gin_file} {' '.join(gin_args)}\n  batch {b} x (1 query of {lq} + {g} documents of {ld} tokens); "
+        f"compiled in {time.perf_counter() - t0:.0f} s\n  temporaries {gib(mem.temp_size_in_bytes)}, arguments "
+        f"{gib(mem.argument_size_in_bytes)} (state donated: {gib(mem.alias_size_in_bytes)} aliased), outputs "
+        f"{gib(mem.output_size_in_bytes)}")
 
 
 if __name__ == "__main__":
