@@ -207,6 +207,26 @@ def test_index_of_another_model_is_refused(tmp_path, scifact_subset, model_dir, 
   assert res["datasets"][0]["num_queries"] == 4
 
 
+def test_leaves_to_search_is_a_search_time_setting(tmp_path, scifact_subset, model_dir):
+  """Searching 1 of the 40 leaves reuses the index, is recorded, and finds fewer of the exact search's tokens."""
+  index_root = tmp_path / "shared_index"
+  common = ("--gin.xtr_eval.bm25=False", "--gin.xtr_eval.token_top_k=8", f"--gin.xtr_eval.index_root='{index_root}'",
+            "--gin.xtr_eval.max_queries=10", "--gin.xtr_eval.scoring=['xtr', 'exact']", "--analysis")
+  full = _cli(model_dir, scifact_subset, tmp_path / "all", *common)["datasets"][0]
+  few = _cli(model_dir, scifact_subset, tmp_path / "few", *common, "--gin.xtr_eval.leaves_to_search=1")["datasets"][0]
+  assert few["index"]["reused"] is True
+  assert (full["leaves_to_search"], few["leaves_to_search"]) == (40, 1)
+  recall_all, recall_few = (r["analysis"]["8"]["token_recall_vs_exact"] for r in (full, few))
+  # (AH codes of a random tiny model: near-ties, so even all 40 leaves find ~0.7 of the exact tokens)
+  assert recall_few < recall_all - 0.2, (recall_all, recall_few)
+  # the exact search does not depend on it
+  assert few["systems"]["exact-kth-k8"]["metrics"] == full["systems"]["exact-kth-k8"]["metrics"]
+  with pytest.raises(ValueError, match="leaves_to_search=2: needs index_backend='scann'"):
+    _cli(model_dir, scifact_subset, tmp_path / "bf", *common, "--gin.xtr_eval.leaves_to_search=2",
+         "--gin.xtr_eval.index_backend='bruteforce'")
+  assert not (tmp_path / "bf").exists()
+
+
 def test_self_hits_dropped(tmp_path, model_dir):
   words = "protein cell gene virus vaccine brain cancer tumor dose trial mouse human blood heart lung".split()
   rng = np.random.default_rng(0)

@@ -240,22 +240,30 @@ def encode_queries(encoder, texts: Sequence[str], *, batch_size: int) -> tuple[n
 
 
 def retrieve_tokens(token_index, q: np.ndarray, q_mask: np.ndarray, token_doc: np.ndarray, k_prime: int, *,
-                    batch_size: int, desc: str = "token retrieval") -> Retrieved:
-  """k' nearest document tokens of every valid query token (q f32 [Nq, n, D], q_mask bool [Nq, n])."""
+                    batch_size: int, desc: str = "token retrieval", leaves_to_search: int | None = None
+                    ) -> Retrieved:
+  """k' nearest document tokens of every valid query token (q f32 [Nq, n, D], q_mask bool [Nq, n]); a ScaNN index
+  searches `leaves_to_search` leaves instead of its built-in number when given."""
+  if leaves_to_search is None:
+    search = token_index.search
+  elif hasattr(token_index, "search_with"):
+    search = lambda x, k: token_index.search_with(x, k, leaves_to_search=leaves_to_search)
+  else:
+    raise ValueError(f"leaves_to_search={leaves_to_search} needs a ScaNN index, not a {token_index.backend} one")
   nq, n, _ = q.shape
   scores = np.zeros((nq, n, k_prime), np.float32)
   tokens = np.full((nq, n, k_prime), -1, np.int32)
   spans = _batches(nq, batch_size)
   warm = q[spans[0]][q_mask[spans[0]]]
   if len(warm):
-    token_index.search(warm, k_prime)  # warm-up (jit compilation of the brute-force index, caches)
+    search(warm, k_prime)  # warm-up (jit compilation of the brute-force index, caches)
   t0 = time.perf_counter()
   for span in tqdm(spans, desc=f"{desc} k'={k_prime}", unit="batch", leave=False):
     mask = q_mask[span]
     flat = q[span][mask]
     if not len(flat):
       continue
-    s, t = token_index.search(flat, k_prime)
+    s, t = search(flat, k_prime)
     block_s = scores[span]
     block_t = tokens[span]
     block_s[mask] = np.where(t >= 0, s, 0.0)
@@ -403,7 +411,7 @@ def evaluate_dataset(encoder, root: str, split: str, out_dir: str, *, index_dir:
                      imputations: Sequence[str], constant: float, k_primes: Sequence[int], top_k: int,
                      run_analysis: bool, drop_self: bool, run_bm25: bool, query_batch_size: int,
                      index_backend: str, export_dtype: str, doc_batch_size: int, rebuild_index: bool,
-                     max_queries: int | None) -> dict[str, Any]:
+                     max_queries: int | None, leaves_to_search: int | None = None) -> dict[str, Any]:
   """Evaluates every system on one BEIR split; writes out_dir/{metrics.json, runs/, per_query/, sweep.*}."""
   name = dataset_name(root)
   corpus, queries, qrels = load_split(root, split)
@@ -427,6 +435,7 @@ def evaluate_dataset(encoder, root: str, split: str, out_dir: str, *, index_dir:
   result: dict[str, Any] = {
       "dataset": name, "root": os.path.abspath(root), "split": split, "num_queries": nq,
       "num_docs": len(corpus_ids), "model_identity": encoder.identity(), "index": index_info, "top_k": top_k,
+      "leaves_to_search": leaves_to_search or index_info["params"].get("num_leaves_to_search"),
       "drop_self_hits": drop_self, "query_encoding_ms_per_query": 1000 * encode_s / nq, "systems": {},
       "analysis": {}, "notes": "ms per query = wall clock after an untimed warm-up batch; machine may be shared"}
 
@@ -445,7 +454,8 @@ def evaluate_dataset(encoder, root: str, split: str, out_dir: str, *, index_dir:
     exact_index = index_lib.build_index(np.asarray(store.embeddings), backend="bruteforce")
   enc_ms = 1000 * encode_s / nq
   for k_prime in k_primes:
-    ret = retrieve_tokens(token_index, q, q_mask, store.token_doc, k_prime, batch_size=query_batch_size)
+    ret = retrieve_tokens(token_index, q, q_mask, store.token_doc, k_prime, batch_size=query_batch_size,
+                          leaves_to_search=leaves_to_search)
     ret_ms = 1000 * ret.seconds / nq
     if "xtr" in modes:
       for imp in imputations:
@@ -551,7 +561,7 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
              index_backend: str = "scann", rebuild_index: bool = False, export_dtype: str = "float16",
              query_batch_size: int = 32, doc_batch_size: int = 32, query_max_len: int | None = None,
              doc_max_len: int | None = None, max_queries: int | None = None,
-             score_special_tokens: bool | None = None) -> dict[str, Any]:
+             score_special_tokens: bool | None = None, leaves_to_search: int | None = None) -> dict[str, Any]:
   """Evaluates `model` on one or more BEIR datasets; returns {"datasets": [...], "summary": [...]}.
 
   Args:
@@ -574,6 +584,9 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
     max_queries: evaluate only the first N judged queries (smoke runs).
     score_special_tokens: override the model's setting (None = as saved; see `models.XTRModel`), e.g. False to
       evaluate an untrained model the way a model trained without scoring special tokens is evaluated.
+    leaves_to_search: ScaNN leaves searched per query token (None = the index's `num_leaves_to_search`, the
+      notebook's 100): a search-time setting, the index is not rebuilt. With `scoring` including "exact" and
+      `analysis`, the token recall against exact search shows what it buys.
   """
   modes = _as_list(scoring)
   for m in modes:
@@ -583,6 +596,9 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
   for imp in imputations:
     if imp not in scoring_lib_imputations():
       raise ValueError(f"xtr_eval.imputation: unknown {imp!r}; expected one of {scoring_lib_imputations()}")
+  if leaves_to_search is not None and (index_backend != "scann" or leaves_to_search < 1):
+    raise ValueError(f"xtr_eval.leaves_to_search={leaves_to_search}: needs index_backend='scann' and a value >= 1 "
+                     f"(index_backend={index_backend!r})")
   k_primes = _as_list(token_top_k, int)
   if any(k < 1 for k in k_primes) or top_k < 1:
     raise ValueError(f"token_top_k and top_k must be >= 1, got {k_primes} and {top_k}")
@@ -605,7 +621,8 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
         modes=modes, imputations=imputations, constant=imputation_constant, k_primes=k_primes, top_k=top_k,
         run_analysis=analysis, drop_self=drop_self_hits, run_bm25=bm25, query_batch_size=query_batch_size,
         index_backend=index_backend, export_dtype=export_dtype, doc_batch_size=doc_batch_size,
-        rebuild_index=rebuild_index, max_queries=max_queries)
+        rebuild_index=rebuild_index, max_queries=max_queries,
+        leaves_to_search=leaves_to_search)
     datasets.append(res)
     for system, v in res["systems"].items():
       summary.append({"dataset": name, "system": system, "k_prime": v["k_prime"], **v["metrics"],
