@@ -1,0 +1,85 @@
+"""Where does a ScaNN token index lose nDCG@10 against exact token search: in WHICH tokens it finds or in the SCORES
+it returns for them?
+
+    python benchmarks/scann_vs_exact_probe.py --model /tmp/xtr_b128/model \
+        --store /tmp/xtr_b128/eval/index/scifact [--dataset ../shared/data/beir/scifact] [--k_primes 100 1000]
+
+`--store` is an evaluation's exported corpus with its ScaNN index (`xtr_jax.eval` writes them under
+OUTPUT_DIR/index/<dataset>). For each k' it prints the index's token recall against exact search, the mean and 99th
+percentile of |ScaNN score - exact dot product| over the retrieved tokens, and nDCG@10 of XTR scoring (k'-th score
+imputation) three ways: ScaNN's tokens and scores, ScaNN's tokens rescored exactly, and exact search. Also the
+anisotropy of the stored token embeddings (norm of their mean). Test queries are encoded, but nothing is tuned here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from xtr_jax import analysis, export, index as index_lib, metrics, models, tokenization
+from xtr_jax import eval as xeval
+
+
+def exact_scores_of(q: np.ndarray, tokens: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+  """f32 [Nq, n, k'] dot products of each query token with its retrieved token rows (-1 -> 0), one query at a time."""
+  out = np.zeros(tokens.shape, np.float32)
+  for i in range(len(q)):
+    rows = embeddings[np.maximum(tokens[i], 0)].astype(np.float32)  # [n, k', D]
+    out[i] = np.where(tokens[i] >= 0, np.einsum("nd,nkd->nk", q[i], rows), 0.0)
+  return out
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", required=True)
+  ap.add_argument("--store", required=True)
+  ap.add_argument("--dataset", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "beir",
+                                                    "scifact"))
+  ap.add_argument("--split", default="test")
+  ap.add_argument("--k_primes", type=int, nargs="+", default=[100, 1000])
+  ap.add_argument("--query_max_len", type=int, default=64)
+  ap.add_argument("--doc_max_len", type=int, default=256, help="as the store was exported (eval_minilm_cpu.gin: 256)")
+  args = ap.parse_args()
+
+  encoder = models.load_pretrained(args.model, query_max_len=args.query_max_len, doc_max_len=args.doc_max_len)
+  store = export.TokenStore.open(args.store)
+  want = export.document_identity(json.loads(json.dumps(encoder.identity())))
+  stored = export.document_identity(store.identity)
+  if stored != want:
+    diff = sorted(k for k in set(want) | set(stored) if want.get(k) != stored.get(k))
+    raise ValueError(f"{args.store} was exported by another model or setting than {args.model} (differs in {diff})")
+  token_index = index_lib.load_index(os.path.join(args.store, export.INDEX_SUBDIR))
+  _, queries, qrels = xeval.load_split(args.dataset, args.split)
+  qids = list(queries)
+  q, q_mask, _ = xeval.encode_queries(encoder, [tokenization.preprocess_query(queries[i]) for i in qids],
+                                      batch_size=32)
+  embeddings = np.asarray(store.embeddings)
+  mean = embeddings.astype(np.float32).mean(axis=0)
+  print(f"{store.num_tokens:,} tokens ({token_index.backend}, {token_index.params.get('num_leaves')} leaves, "
+        f"{token_index.params.get('num_leaves_to_search')} searched); |mean token| {np.linalg.norm(mean):.3f}")
+  exact_index = index_lib.build_index(embeddings.astype(np.float32), backend="bruteforce")
+
+  def ndcg(ret: xeval.Retrieved) -> float:
+    d, s, _ = xeval.score_xtr(ret, q_mask, 100, imputation="kth", constant=0.0, batch_size=32)
+    run = metrics.run_from_rankings(xeval.to_rankings(qids, d, s, store.doc_ids, 100, drop_self=False))
+    return 100 * metrics.evaluate(qrels, run)[0]["nDCG@10"]
+
+  print(f"{'k_prime':>7} {'recall':>7} {'|err| mean':>10} {'p99':>7} {'nDCG scann':>10} {'+exact scores':>13} "
+        f"{'exact':>7}")
+  for k_prime in args.k_primes:
+    approx = xeval.retrieve_tokens(token_index, q, q_mask, store.token_doc, k_prime, batch_size=32)
+    exact = xeval.retrieve_tokens(exact_index, q, q_mask, store.token_doc, k_prime, batch_size=32)
+    true = exact_scores_of(q, approx.tokens, embeddings)
+    valid = q_mask[:, :, None] & (approx.tokens >= 0)
+    err = np.abs(true - approx.scores)[valid]
+    rescored = xeval.Retrieved(scores=true, tokens=approx.tokens, docs=approx.docs, seconds=0.0)
+    recall = analysis.token_recall(approx.tokens, exact.tokens, q_mask)["mean"]
+    print(f"{k_prime:>7} {recall:>7.3f} {err.mean():>10.4f} {np.quantile(err, 0.99):>7.4f} {ndcg(approx):>10.1f} "
+          f"{ndcg(rescored):>13.1f} {ndcg(exact):>7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
