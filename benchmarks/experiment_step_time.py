@@ -76,19 +76,12 @@ def compiled_memory(tr, gin_file: str, gin_args: list[str]) -> None:
 
   b, g = int(gin.query_parameter("%BATCH_SIZE")), 1 + int(gin.query_parameter("%NUM_NEGATIVES"))
   lq, ld = int(gin.query_parameter("%QUERY_MAX_LEN")), int(gin.query_parameter("%DOC_MAX_LEN"))
-  shapes = {"query_tokens": ((b, lq), jnp.int32), "query_mask": ((b, lq), jnp.bool_),
-            "doc_tokens": ((b, g, ld), jnp.int32), "doc_mask": ((b, g, ld), jnp.bool_)}
-  batch = {k: jax.ShapeDtypeStruct(s, d, sharding=tr.partitioner.batch_sharding(len(s)))
-           for k, (s, d) in shapes.items()}
-  state = jax.eval_shape(tr._init_fn, jax.random.PRNGKey(0))  # pylint: disable=protected-access
-  replicated = tr.partitioner.replicated()
-  batch_shardings = {k: v.sharding for k, v in batch.items()}
-  train_fn = tr._train_fn  # pylint: disable=protected-access
-  step = jax.jit(train_fn, in_shardings=(tr.state_shardings, batch_shardings, replicated),
-                 out_shardings=(tr.state_shardings, replicated), donate_argnums=(0,))
+  batch = {"query_tokens": jax.ShapeDtypeStruct((b, lq), jnp.int32),
+           "query_mask": jax.ShapeDtypeStruct((b, lq), jnp.bool_),
+           "doc_tokens": jax.ShapeDtypeStruct((b, g, ld), jnp.int32),
+           "doc_mask": jax.ShapeDtypeStruct((b, g, ld), jnp.bool_)}
   t0 = time.perf_counter()
-  with jax.set_mesh(tr.mesh):
-    mem = step.lower(state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile().memory_analysis()
+  mem = tr.compile_train_step(batch).memory_analysis()
   gib = lambda x: f"{x / 2**30:.2f} GiB"
   print(f"{gin_file} {' '.join(gin_args)}\n  batch {b} x (1 query of {lq} + {g} documents of {ld} tokens); "
         f"compiled in {time.perf_counter() - t0:.0f} s\n  temporaries {gib(mem.temp_size_in_bytes)}, arguments "

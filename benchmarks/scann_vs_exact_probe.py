@@ -5,7 +5,7 @@ it returns for them?
         --store /tmp/xtr_b128/eval/index/scifact [--dataset ../shared/data/beir/scifact] [--k_primes 100 1000]
 
 `--store` is an evaluation's exported corpus with its ScaNN index (`xtr_jax.eval` writes them under
-OUTPUT_DIR/index/<dataset>). For each k' it prints the index's token recall against exact search, the mean and 99th
+OUTPUT_DIR/index/<dataset>; exported and built here if absent, refused if another model's). For each k' it prints the index's token recall against exact search, the mean and 99th
 percentile of |ScaNN score - exact dot product| over the retrieved tokens, and nDCG@10 of XTR scoring (k'-th score
 imputation) three ways: ScaNN's tokens and scores, ScaNN's tokens rescored exactly, and exact search. Also the
 anisotropy of the stored token embeddings (norm of their mean). Test queries are encoded, but nothing is tuned here.
@@ -14,12 +14,11 @@ anisotropy of the stored token embeddings (norm of their mean). Test queries are
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 
-from xtr_jax import analysis, export, index as index_lib, metrics, models, tokenization
+from xtr_jax import analysis, index as index_lib, metrics, models, tokenization
 from xtr_jax import eval as xeval
 
 
@@ -45,14 +44,9 @@ def main() -> None:
   args = ap.parse_args()
 
   encoder = models.load_pretrained(args.model, query_max_len=args.query_max_len, doc_max_len=args.doc_max_len)
-  store = export.TokenStore.open(args.store)
-  want = export.document_identity(json.loads(json.dumps(encoder.identity())))
-  stored = export.document_identity(store.identity)
-  if stored != want:
-    diff = sorted(k for k in set(want) | set(stored) if want.get(k) != stored.get(k))
-    raise ValueError(f"{args.store} was exported by another model or setting than {args.model} (differs in {diff})")
-  token_index = index_lib.load_index(os.path.join(args.store, export.INDEX_SUBDIR))
-  _, queries, qrels = xeval.load_split(args.dataset, args.split)
+  corpus, queries, qrels = xeval.load_split(args.dataset, args.split)
+  # The evaluation's own check: a store exported by another model or for another corpus is refused.
+  store, token_index, _ = xeval.ensure_token_store(encoder, args.dataset, args.store, list(corpus))
   qids = list(queries)
   q, q_mask, _ = xeval.encode_queries(encoder, [tokenization.preprocess_query(queries[i]) for i in qids],
                                       batch_size=32)

@@ -137,7 +137,7 @@ class Trainer:
 
   # ---- batches -----------------------------------------------------------------------------------------------
   def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-    return {k: self.partitioner.batch_sharding(np.ndim(v)) for k, v in batch.items()}
+    return {k: self.partitioner.batch_sharding(len(getattr(v, "shape", np.shape(v)))) for k, v in batch.items()}
 
   def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Global sharded arrays from this process's rows (process i holds rows [i*b, (i+1)*b) of the global batch).
@@ -242,16 +242,28 @@ class Trainer:
       out["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
     return new_state, out
 
-  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on a global batch; the input state is donated (do not reuse it)."""
+  def _train_step_jit(self, batch: Mapping[str, Any]):
     if self._train_jit is None:
       replicated = self.partitioner.replicated()
       self._train_jit = jax.jit(
           self._train_fn, in_shardings=(self.state_shardings, self.batch_shardings(batch), replicated),
           out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    return self._train_jit
+
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on a global batch; the input state is donated (do not reuse it)."""
+    step = self._train_step_jit(batch)
     with jax.set_mesh(self.mesh):
-      return self._train_jit(state, batch, rng)
+      return step(state, batch, rng)
+
+  def compile_train_step(self, batch: Mapping[str, Any]) -> Any:
+    """The train step compiled for `batch`'s shapes (arrays or jax.ShapeDtypeStruct) without running it or
+    allocating a state: `.memory_analysis()` / `.cost_analysis()` of exactly what `train_step` runs."""
+    abstract_state = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    with jax.set_mesh(self.mesh):
+      return self._train_step_jit(batch).lower(abstract_state, batch, rng).compile()
 
   def _eval_fn(self, params: Any, batch: Mapping[str, jax.Array]):
     loss, metrics = self.model.loss_fn(params, batch, None)
