@@ -5,10 +5,11 @@ it returns for them?
         --store /tmp/xtr_b128/eval/index/scifact [--dataset ../shared/data/beir/scifact] [--k_primes 100 1000]
 
 `--store` is an evaluation's exported corpus with its ScaNN index (`xtr_jax.eval` writes them under
-OUTPUT_DIR/index/<dataset>; exported and built here if absent, refused if another model's). For each k' it prints the index's token recall against exact search, the mean and 99th
-percentile of |ScaNN score - exact dot product| over the retrieved tokens, and nDCG@10 of XTR scoring (k'-th score
-imputation) three ways: ScaNN's tokens and scores, ScaNN's tokens rescored exactly, and exact search. Also the
-anisotropy of the stored token embeddings (norm of their mean). Test queries are encoded, but nothing is tuned here.
+OUTPUT_DIR/index/<dataset>; exported and built here if absent, refused if another model's). For each k' it prints the
+index's token recall against exact search, the mean and 99th percentile of |ScaNN score - exact dot product| over the
+retrieved tokens, and nDCG@10 of XTR scoring (k'-th score imputation) three ways: ScaNN's tokens and scores, ScaNN's
+tokens rescored exactly, and exact search. Also the anisotropy of the stored token embeddings (norm of their mean).
+Test queries are encoded, but nothing is tuned here.
 """
 
 from __future__ import annotations
