@@ -190,20 +190,20 @@ def test_relayout_layers_round_trip_and_errors():
                for root in ("params", "opt_state/0/mu") for i in range(3) for w in ("q", "k")}
   per_layer["params/encoder/token_embedder/embedding"] = rng.normal(size=(5, 4)).astype(np.float32)
   per_layer["opt_state/0/count"] = np.array(7, np.int32)
-  scanned = checkpointing.relayout_layers(per_layer, scan_layers=True)
+  scanned = network.relayout_layers(per_layer, scan_layers=True)
   assert set(scanned) == {"params/encoder/layers/attention/q", "params/encoder/layers/attention/k",
                           "opt_state/0/mu/encoder/layers/attention/q", "opt_state/0/mu/encoder/layers/attention/k",
                           "params/encoder/token_embedder/embedding", "opt_state/0/count"}
   np.testing.assert_array_equal(scanned["opt_state/0/mu/encoder/layers/attention/k"][2],
                                 per_layer["opt_state/0/mu/encoder/layers_2/attention/k"])
-  assert checkpointing.relayout_layers(scanned, scan_layers=True).keys() == scanned.keys()  # already scanned
-  back = checkpointing.relayout_layers(scanned, scan_layers=False)
+  assert network.relayout_layers(scanned, scan_layers=True).keys() == scanned.keys()  # already scanned
+  back = network.relayout_layers(scanned, scan_layers=False)
   assert back.keys() == per_layer.keys()
   for k, v in per_layer.items():
     np.testing.assert_array_equal(back[k], v, err_msg=k)
   gap = {k: v for k, v in per_layer.items() if "layers_1/" not in k}
   with pytest.raises(ValueError, match=r"params/encoder/layers_<i>/attention/q: layers \[0, 2\] are not numbered"):
-    checkpointing.relayout_layers(gap, scan_layers=True)
+    network.relayout_layers(gap, scan_layers=True)
 
 
 def test_scanned_remat_model_starts_from_per_layer_checkpoint(tmp_path, t5_vocab):
@@ -225,7 +225,7 @@ def test_scanned_remat_model_starts_from_per_layer_checkpoint(tmp_path, t5_vocab
     state, loaded, skipped = checkpointing.apply_restore_rules(tr.init_state(jax.random.PRNGKey(0)), source, cfg)
     assert all(n in loaded for n in source), sorted(set(source) - set(loaded))
     assert any("/encoder/layers/" in n for n in loaded) == scan
-    params_by_layout[scan] = checkpointing.relayout_layers(
+    params_by_layout[scan] = network.relayout_layers(
         checkpointing.flatten_with_names(jax.device_get(state.params)), scan_layers=False)
     batch = _random_batch(8, base.encoder_config.vocab_size)
     losses_by_layout[scan] = float(model.loss_fn(state.params, batch, None)[0])

@@ -135,6 +135,20 @@ def test_scan_and_remat_equal_plain_loop_forward_and_grad():
     np.testing.assert_allclose(np.asarray(flat_p[k]), np.asarray(flat_s[k]), atol=1e-5, err_msg=str(k))
 
 
+def test_stack_layers_checks_the_layer_count():
+  enc = {f"layers_{i}": {"mlp": {"kernel": np.full((2, 3), i, np.float32)}} for i in range(3)}
+  enc["final_norm"] = {"scale": np.ones(3, np.float32)}
+  stacked = network.stack_layers(enc, 3)
+  assert stacked["layers"]["mlp"]["kernel"].shape == (3, 2, 3)
+  np.testing.assert_array_equal(stacked["layers"]["mlp"]["kernel"][:, 0, 0], [0, 1, 2])
+  back = network.unstack_layers(stacked, 3)
+  assert traverse_util.flatten_dict(back).keys() == traverse_util.flatten_dict(enc).keys()
+  with pytest.raises(ValueError, match=r"encoder has \[3\] layers, expected 4"):
+    network.stack_layers(enc, 4)
+  with pytest.raises(ValueError, match=r"encoder has \[3\] layers, expected 2"):
+    network.unstack_layers(stacked, 2)
+
+
 def test_dropout_only_when_not_deterministic():
   cfg = network.T5EncoderConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
                                 dropout_rate=0.2)

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from xtr_jax import network
+
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 
@@ -232,56 +234,17 @@ def _read_orbax_state(path: str) -> dict[str, np.ndarray] | None:
   return {k: np.asarray(v) for k, v in flatten_with_names(restored).items()}
 
 
-_PER_LAYER = re.compile(r"((?:.*/)?encoder/)layers_(\d+)(/.*)")
-_SCANNED = re.compile(r"((?:.*/)?encoder/)layers(/.*)")
-
-
-def relayout_layers(flat: Mapping[str, np.ndarray], scan_layers: bool) -> dict[str, np.ndarray]:
-  """Converts a flat {'/'-path: array} tree between the per-layer encoder layout (`.../encoder/layers_<i>/...`, one
-  array per layer) and the `nn.scan` layout (`.../encoder/layers/...`, stacked on axis 0), for parameters and the
-  optimizer state alike. Trees already in the wanted layout come back unchanged.
-
-  Raises:
-    ValueError: when the per-layer arrays of one parameter are not numbered 0..N-1 or differ in shape.
-  """
-  out: dict[str, np.ndarray] = {}
-  if scan_layers:
-    groups: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for name, value in flat.items():
-      m = _PER_LAYER.fullmatch(name)
-      if m:
-        groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = np.asarray(value)
-      else:
-        out[name] = value
-    for (prefix, suffix), per_layer in groups.items():
-      if sorted(per_layer) != list(range(len(per_layer))):
-        raise ValueError(f"{prefix}layers_<i>{suffix}: layers {sorted(per_layer)} are not numbered 0..N-1")
-      shapes = {v.shape for v in per_layer.values()}
-      if len(shapes) != 1:
-        raise ValueError(f"{prefix}layers_<i>{suffix}: per-layer shapes differ {sorted(shapes)}; cannot stack")
-      out[f"{prefix}layers{suffix}"] = np.stack([per_layer[i] for i in range(len(per_layer))])
-  else:
-    for name, value in flat.items():
-      m = _SCANNED.fullmatch(name)
-      if m and np.ndim(value) >= 1:
-        for i, layer in enumerate(np.asarray(value)):
-          out[f"{m.group(1)}layers_{i}{m.group(2)}"] = layer
-      else:
-        out[name] = value
-  return out
-
-
 def load_source_tree(path: str, *, vocab_path: str | None = None,
                      scan_layers: bool | None = None) -> dict[str, np.ndarray]:
   """{'/'-path: numpy array} of pretrained weights for `RestoreConfig.path`: `params/...` (and `opt_state/...` for
   orbax checkpoints of earlier runs). `scan_layers` (the target model's setting; None = as stored) converts the
-  encoder layers to that layout (`relayout_layers`), so a run with `scan_layers=True` starts from per-layer weights."""
+  encoder layers to that layout (`network.relayout_layers`), so a run with `scan_layers=True` starts from per-layer weights."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"RestoreConfig.path {path!r} does not exist")
   flat = _read_orbax_state(path)
   if flat is not None:
     flat = {k: v for k, v in flat.items() if k != "step"}
-    return flat if scan_layers is None else relayout_layers(flat, scan_layers)
+    return flat if scan_layers is None else network.relayout_layers(flat, scan_layers)
   from xtr_jax import models  # pylint: disable=g-import-not-at-top  (heavy; only for pretrained starts)
   pretrained = models.load_pretrained(path, vocab_path=vocab_path)
   params = pretrained.params
@@ -290,7 +253,7 @@ def load_source_tree(path: str, *, vocab_path: str | None = None,
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   params = nn.meta.unbox(params)
   flat = {"params/" + k: np.asarray(v) for k, v in flatten_with_names(params).items()}
-  return flat if scan_layers is None else relayout_layers(flat, scan_layers)
+  return flat if scan_layers is None else network.relayout_layers(flat, scan_layers)
 
 
 def apply_restore_rules(target: Any, source: Mapping[str, np.ndarray], config: RestoreConfig

@@ -228,13 +228,9 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def params_fingerprint(params: Any) -> str:
   """sha256 over every parameter's path, dtype, shape and bytes (sorted by path), in the per-layer layout so that a
   model gives the same fingerprint with and without `scan_layers`."""
-  params = unbox_params(params)
-  enc = params.get("encoder", {}) if isinstance(params, Mapping) else {}
-  if "layers" in enc:
-    num_layers = len(jax.tree_util.tree_leaves(enc["layers"])[0])
-    params = dict(params, encoder=network.unstack_layers(enc, num_layers))
+  flat = network.relayout_layers(flatten_params(unbox_params(params)), scan_layers=False)
   h = hashlib.sha256()
-  for key, value in sorted(flatten_params(params).items()):
+  for key, value in sorted(flat.items()):
     arr = np.ascontiguousarray(value)
     h.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
     h.update(arr.tobytes())
@@ -418,21 +414,9 @@ def load_xtr_jax_dir(path: str, *, overrides: Mapping[str, Any] | None = None,
   vocab = os.path.join(path, cfg["vocab_file"])
   model = XTRModel(encoder_config=enc, vocab_path=vocab, **model_kw)
   flat = load_file(os.path.join(path, cfg["params_file"]))
-  params = unflatten_params(flat)
-  params = _restack_for(model, params)
+  params = unflatten_params(network.relayout_layers(flat, model.encoder_config.scan_layers))
   pretrained = PretrainedXTR(model, params, mesh=mesh)
   return pretrained
-
-
-def _restack_for(model: XTRModel, params: dict[str, Any]) -> dict[str, Any]:
-  """Converts between per-layer (layers_i) and scanned (layers, stacked on axis 0) layouts to match `model`."""
-  enc = params.get("encoder", {})
-  want_scan = model.encoder_config.scan_layers
-  if want_scan and "layers" not in enc and "layers_0" in enc:
-    params = dict(params, encoder=network.stack_layers(enc, model.encoder_config.num_layers))
-  elif not want_scan and "layers" in enc:
-    params = dict(params, encoder=network.unstack_layers(enc, model.encoder_config.num_layers))
-  return params
 
 
 def load_pretrained(path: str, *, query_max_len: int | None = None, doc_max_len: int | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 Array = jax.Array
 
@@ -382,20 +384,66 @@ def _apply_layers(layer_cls: type[nn.Module], config: EncoderConfig, determinist
   return x
 
 
+_PER_LAYER = re.compile(r"((?:.*/)?encoder/)layers_(\d+)(/.*)")
+_SCANNED = re.compile(r"((?:.*/)?encoder/)layers(/.*)")
+
+
+def relayout_layers(flat: Mapping[str, np.ndarray], scan_layers: bool) -> dict[str, np.ndarray]:
+  """Converts a flat {'/'-path: array} tree between the per-layer encoder layout (`.../encoder/layers_<i>/...`, one
+  array per layer) and the `nn.scan` layout (`.../encoder/layers/...`, stacked on axis 0), for parameters and the
+  optimizer state alike. Trees already in the wanted layout come back unchanged.
+
+  Raises:
+    ValueError: when the per-layer arrays of one parameter are not numbered 0..N-1 or differ in shape.
+  """
+  out: dict[str, np.ndarray] = {}
+  if scan_layers:
+    groups: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for name, value in flat.items():
+      m = _PER_LAYER.fullmatch(name)
+      if m:
+        groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = np.asarray(value)
+      else:
+        out[name] = value
+    for (prefix, suffix), per_layer in groups.items():
+      if sorted(per_layer) != list(range(len(per_layer))):
+        raise ValueError(f"{prefix}layers_<i>{suffix}: layers {sorted(per_layer)} are not numbered 0..N-1")
+      shapes = {v.shape for v in per_layer.values()}
+      if len(shapes) != 1:
+        raise ValueError(f"{prefix}layers_<i>{suffix}: per-layer shapes differ {sorted(shapes)}; cannot stack")
+      out[f"{prefix}layers{suffix}"] = np.stack([per_layer[i] for i in range(len(per_layer))])
+  else:
+    for name, value in flat.items():
+      m = _SCANNED.fullmatch(name)
+      if m and np.ndim(value) >= 1:
+        for i, layer in enumerate(np.asarray(value)):
+          out[f"{m.group(1)}layers_{i}{m.group(2)}"] = layer
+      else:
+        out[name] = value
+  return out
+
+
 def stack_layers(encoder_params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-  """Per-layer subtrees `layers_0..N-1` -> one `layers` subtree with leaves stacked on axis 0 (nn.scan layout)."""
-  rest = {k: v for k, v in encoder_params.items() if not k.startswith("layers_")}
-  per_layer = [encoder_params[f"layers_{i}"] for i in range(num_layers)]
-  rest["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
-  return rest
+  """Nested per-layer subtrees `layers_0..N-1` -> one `layers` subtree stacked on axis 0 (nn.scan layout)."""
+  return _relayout_nested(encoder_params, num_layers, scan_layers=True)
 
 
 def unstack_layers(encoder_params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
   """Inverse of `stack_layers`."""
-  rest = {k: v for k, v in encoder_params.items() if k != "layers"}
-  for i in range(num_layers):
-    rest[f"layers_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], encoder_params["layers"])
-  return rest
+  return _relayout_nested(encoder_params, num_layers, scan_layers=False)
+
+
+def _relayout_nested(encoder_params: Mapping[str, Any], num_layers: int, *, scan_layers: bool) -> dict[str, Any]:
+  flat = {"encoder/" + k: v for k, v in traverse_util.flatten_dict(dict(encoder_params), sep="/").items()}
+  out = relayout_layers(flat, scan_layers)
+  if scan_layers:
+    got = {len(v) for k, v in out.items() if _SCANNED.fullmatch(k)}
+  else:
+    got = {int(m.group(2)) + 1 for m in map(_PER_LAYER.fullmatch, out) if m}
+    got = {max(got)} if got else set()
+  if got != {num_layers}:
+    raise ValueError(f"encoder has {sorted(got)} layers, expected {num_layers}")
+  return traverse_util.unflatten_dict({k[len("encoder/"):]: v for k, v in out.items()}, sep="/")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
