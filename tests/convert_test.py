@@ -221,6 +221,11 @@ def test_cli_converts_to_xtr_jax_dir_and_scan_layout_loads(tmp_path, t5_vocab):
   np.testing.assert_array_equal(np.asarray(layers["mlp"]["wi"]["kernel"][1]),
                                 np.asarray(direct.params["encoder"]["layers_1"]["mlp"]["wi"]["kernel"]))
   assert scanned.model.encoder_config.scan_layers and scanned.identity() == direct.identity()  # layout-independent
+  # A model saved by a scan_layers run loads in either layout.
+  saved = scanned.save(str(tmp_path / "saved_scanned"))
+  for scan in (True, False):
+    reloaded = xtr_jax.load_pretrained(saved, scan_layers=scan)
+    assert ("layers" in reloaded.params["encoder"]) == scan and reloaded.identity() == direct.identity()
   # Both output formats from the scanned model agree with the per-layer layout.
   hf_out = convert.export_hf_xtr(scanned, str(tmp_path / "hf_from_scan"))
   back = xtr_jax.load_pretrained(hf_out)
