@@ -60,7 +60,8 @@ GOOD = '{"_id": "d1", "title": "T", "text": "hello"}\n'
     (GOOD + '{"_id": ["d2"], "text": "x"}\n', r"corpus.jsonl:2: field '_id' must be a string, got list"),
     (GOOD + '\n{"_id": "d1", "text": "again"}\n', r"corpus.jsonl:3: duplicate document id 'd1'.*first seen on line 1"),
     (GOOD + '[1, 2]\n', r"corpus.jsonl:2: expected a JSON object, got list"),
-    (GOOD.encode() + b'{"_id": "d2", "text": "caf\xe9"}\n', r"corpus.jsonl:2: invalid UTF-8 at byte %d" % b'{"_id": "d2", "text": "caf'.__len__()),
+    (GOOD.encode() + b'{"_id": "d2", "text": "caf\xe9"}\n',
+     r"corpus.jsonl:2: invalid UTF-8 at byte %d" % len(b'{"_id": "d2", "text": "caf')),
 ])
 def test_malformed_corpus_errors_name_file_line_field(tmp_path, content, pattern):
   path = _write(tmp_path / "corpus.jsonl", content)

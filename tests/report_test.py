@@ -38,7 +38,8 @@ def test_tables_from_eval_outputs(tmp_path):
   lines = text.splitlines()
   assert "| model | system | scifact nDCG@10 | scifact Recall@100 | cranfield nDCG@10 | cranfield Recall@100 |" in lines
   # ColBERT first, then XTR by k'; BM25 once (from the first evaluation that has it).
-  assert lines.index("| untrained | ColBERT rescoring (all tokens of candidates), k'=1000 | 72.0 | 36.0 | – | – |") < \
+  colbert_row = "| untrained | ColBERT rescoring (all tokens of candidates), k'=1000 | 72.0 | 36.0 | – | – |"
+  assert lines.index(colbert_row) < \
       lines.index("| untrained | XTR scoring, k'=100 | 70.0 | 35.0 | – | – |") < \
       lines.index("| untrained | XTR scoring, k'=1000 | 71.5 | 35.8 | – | – |")
   assert sum(line.startswith("| BM25") for line in lines) == 1

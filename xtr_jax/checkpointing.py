@@ -238,7 +238,8 @@ def load_source_tree(path: str, *, vocab_path: str | None = None,
                      scan_layers: bool | None = None) -> dict[str, np.ndarray]:
   """{'/'-path: numpy array} of pretrained weights for `RestoreConfig.path`: `params/...` (and `opt_state/...` for
   orbax checkpoints of earlier runs). `scan_layers` (the target model's setting; None = as stored) converts the
-  encoder layers to that layout (`network.relayout_layers`), so a run with `scan_layers=True` starts from per-layer weights."""
+  encoder layers to that layout (`network.relayout_layers`), so a run with `scan_layers=True` starts from per-layer
+  weights."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"RestoreConfig.path {path!r} does not exist")
   flat = _read_orbax_state(path)
