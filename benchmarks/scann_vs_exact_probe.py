@@ -9,7 +9,8 @@ OUTPUT_DIR/index/<dataset>; exported and built here if absent, refused if anothe
 index's token recall against exact search, the mean and 99th percentile of |ScaNN score - exact dot product| over the
 retrieved tokens, and nDCG@10 of XTR scoring (k'-th score imputation) three ways: ScaNN's tokens and scores, ScaNN's
 tokens rescored exactly, and exact search. Also the anisotropy of the stored token embeddings (norm of their mean).
-Test queries are encoded, but nothing is tuned here.
+`--center` adds the same rows for an index with the stored one's settings built over the mean-removed tokens
+(`xtr_build_index.center`). Test queries are encoded, but nothing is tuned here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
   ap.add_argument("--k_primes", type=int, nargs="+", default=[100, 1000])
   ap.add_argument("--query_max_len", type=int, default=64)
   ap.add_argument("--doc_max_len", type=int, default=256, help="as the store was exported (eval_minilm_cpu.gin: 256)")
+  ap.add_argument("--center", action="store_true",
+                  help="also build the stored index's settings over the mean-removed tokens and print its rows")
   args = ap.parse_args()
 
   encoder = models.load_pretrained(args.model, query_max_len=args.query_max_len, doc_max_len=args.doc_max_len)
@@ -62,19 +65,27 @@ def main() -> None:
     run = metrics.run_from_rankings(xeval.to_rankings(qids, d, s, store.doc_ids, 100, drop_self=False))
     return 100 * metrics.evaluate(qrels, run)[0]["nDCG@10"]
 
-  print(f"{'k_prime':>7} {'recall':>7} {'|err| mean':>10} {'p99':>7} {'nDCG scann':>10} {'+exact scores':>13} "
-        f"{'exact':>7}")
-  for k_prime in args.k_primes:
-    approx = xeval.retrieve_tokens(token_index, q, q_mask, store.token_doc, k_prime, batch_size=32)
-    exact = xeval.retrieve_tokens(exact_index, q, q_mask, store.token_doc, k_prime, batch_size=32)
-    true = exact_scores_of(q, approx.tokens, embeddings)
-    valid = q_mask[:, :, None] & (approx.tokens >= 0)
-    err = np.abs(true - approx.scores)[valid]
-    rescored = xeval.Retrieved(scores=true, tokens=approx.tokens, docs=approx.docs, seconds=0.0)
-    recall = analysis.token_recall(approx.tokens, exact.tokens, q_mask)["mean"]
-    print(f"{k_prime:>7} {recall:>7.3f} {err.mean():>10.4f} {np.quantile(err, 0.99):>7.4f} {ndcg(approx):>10.1f} "
-          f"{ndcg(rescored):>13.1f} {ndcg(exact):>7.1f}", flush=True)
-
+  indexes = [("stored index", token_index)]
+  if args.center:  # the same ScaNN settings over the mean-removed tokens (`xtr_build_index.center`), built here
+    params = {k: v for k, v in token_index.params.items() if k not in ("num_neighbors", "search_threads")}
+    centered = index_lib.build_index(embeddings, backend="scann", **dict(params, center=True))
+    print(f"centered index built in {centered.build_seconds:.0f}s")
+    indexes.append(("centered", centered))
+  exact_of = {k: xeval.retrieve_tokens(exact_index, q, q_mask, store.token_doc, k, batch_size=32)
+              for k in args.k_primes}
+  for label, idx in indexes:
+    print(f"\n{label}\n{'k_prime':>7} {'recall':>7} {'|err| mean':>10} {'p99':>7} {'nDCG scann':>10} "
+          f"{'+exact scores':>13} {'exact':>7}")
+    for k_prime in args.k_primes:
+      approx = xeval.retrieve_tokens(idx, q, q_mask, store.token_doc, k_prime, batch_size=32)
+      exact = exact_of[k_prime]
+      true = exact_scores_of(q, approx.tokens, embeddings)
+      valid = q_mask[:, :, None] & (approx.tokens >= 0)
+      err = np.abs(true - approx.scores)[valid]
+      rescored = xeval.Retrieved(scores=true, tokens=approx.tokens, docs=approx.docs, seconds=0.0)
+      recall = analysis.token_recall(approx.tokens, exact.tokens, q_mask)["mean"]
+      print(f"{k_prime:>7} {recall:>7.3f} {err.mean():>10.4f} {np.quantile(err, 0.99):>7.4f} {ndcg(approx):>10.1f} "
+            f"{ndcg(rescored):>13.1f} {ndcg(exact):>7.1f}", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -225,6 +225,16 @@ def test_leaves_to_search_is_a_search_time_setting(tmp_path, scifact_subset, mod
     _cli(model_dir, scifact_subset, tmp_path / "bf", *common, "--gin.xtr_eval.leaves_to_search=2",
          "--gin.xtr_eval.index_backend='bruteforce'")
   assert not (tmp_path / "bf").exists()
+  # A build setting differs from the stored index: refused (never silently reused), rebuilt on request from the kept
+  # export; exact search does not depend on it.
+  with pytest.raises(ValueError, match=r"built with other settings \(center: index False, configured True\)"):
+    _cli(model_dir, scifact_subset, tmp_path / "centered", *common, "--gin.xtr_build_index.center=True")
+  assert not (tmp_path / "centered").exists()  # refused before anything is written
+  centered = _cli(model_dir, scifact_subset, tmp_path / "centered", *common, "--gin.xtr_build_index.center=True",
+                  "--gin.xtr_eval.rebuild_index=True")["datasets"][0]
+  assert centered["index"]["reused"] is True and centered["index"]["export_s"] == 0.0  # the export is kept
+  assert centered["index"]["params"]["center"] is True and centered["index"]["index_build_s"] > 0
+  assert centered["systems"]["exact-kth-k8"]["metrics"] == full["systems"]["exact-kth-k8"]["metrics"]
 
 
 def test_self_hits_dropped(tmp_path, model_dir):

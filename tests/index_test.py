@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import gin
 import numpy as np
 import pytest
 
@@ -223,3 +224,65 @@ def test_paired_dims_index_is_smaller_with_the_same_recall(data, tmp_path):
     index.build_index(x, backend="scann", paired_dims=32, dimensions_per_block=2, **kw)
   with pytest.raises(ValueError, match="paired_dims must be even"):
     index.build_index(x, backend="scann", paired_dims=31, **kw)
+
+
+def test_centered_index_returns_true_scores_and_round_trips(data, tmp_path):
+  x, q = data
+  # Trained token embeddings (queries' and documents') share a common direction: give the tokens one.
+  offset = 0.8 * np.ones(x.shape[1]) / np.sqrt(x.shape[1])
+  x, q = ((v + offset) / np.linalg.norm(v + offset, axis=1, keepdims=True) for v in (x, q))
+  x, q = x.astype(np.float32), q.astype(np.float32)
+  kept = x.copy()
+  kw = dict(num_leaves=200, num_leaves_to_search=40, training_sample_size=5000)
+  centered = index.build_index(x, backend="scann", center=True, **kw)
+  np.testing.assert_array_equal(x, kept)  # the caller's array is not shifted in place
+  np.testing.assert_allclose(centered.center, x.mean(axis=0), atol=1e-6)
+  assert centered.params["center"] is True and index.build_index(x[:500], backend="scann").params["center"] is False
+  exact = index.build_index(x, backend="bruteforce")
+  s, i = centered.search(q, 100)
+  want = exact.search(q, 100)[1]
+  assert np.mean([len(set(a) & set(b)) / 100 for a, b in zip(i, want)]) >= 0.9
+  # Scores are inner products with the tokens themselves: q . mean is added back (it is large here, so a missing
+  # shift would fail this by far).
+  exact_s = np.take_along_axis(q @ x.T, i, 1)
+  assert np.abs(q @ centered.center).mean() > 0.2
+  assert np.abs(s - exact_s).mean() < 0.03, np.abs(s - exact_s).mean()
+  # With paired dims too (the mean is removed before the rotation is fitted).
+  both = index.build_index(x, backend="scann", center=True, paired_dims=8, **kw)
+  s2, i2 = both.search(q, 100)
+  assert np.abs(s2 - np.take_along_axis(q @ x.T, i2, 1)).mean() < 0.03
+  centered.save(str(tmp_path / "c"))
+  manifest = json.loads((tmp_path / "c" / index.INDEX_MANIFEST).read_text())
+  assert "center.npy" in manifest["files"] and manifest["params"]["center"] is True
+  back = index.load_index(str(tmp_path / "c"))
+  s3, i3 = back.search(q, 100)
+  np.testing.assert_array_equal(i3, i)
+  np.testing.assert_array_equal(s3, s)
+  c = tmp_path / "c" / "center.npy"
+  c.write_bytes(c.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+  with pytest.raises(ValueError, match="center.npy: sha256 mismatch"):
+    index.load_index(str(tmp_path / "c"))
+
+
+def test_build_settings_mismatch_names_each_differing_setting(data):
+  x = data[0][:3000]
+  try:
+    gin.parse_config(["xtr_build_index.num_leaves = 50", "xtr_build_index.num_leaves_to_search = 10"])
+    idx = index.build_index(x)  # the gin-configured build
+    mismatch = lambda: index.build_settings_mismatch(idx.backend, idx.params, idx.num_tokens)  # noqa: E731
+    assert mismatch() == {}
+    gin.parse_config(["xtr_build_index.center = True", "xtr_build_index.num_leaves = 60"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
+    del idx.params["center"]  # an index saved before the setting existed was built without it
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
+    # Sizes are compared as clamped to the corpus, as built: 250,000 sampled of 3,000 tokens is all 3,000.
+    gin.parse_config(["xtr_build_index.center = False", "xtr_build_index.num_leaves = 50",
+                      "xtr_build_index.training_sample_size = 1000000"])
+    assert mismatch() == {}
+    # Search-time and build-speed settings never count.
+    gin.parse_config(["xtr_build_index.search_threads = 2", "xtr_build_index.training_threads = 3",
+                      "xtr_build_index.num_neighbors = 7"])
+    assert mismatch() == {}
+    assert index.build_settings_mismatch("bruteforce", {}, len(x)) == {}
+  finally:
+    gin.clear_config()

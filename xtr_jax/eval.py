@@ -161,7 +161,9 @@ def ensure_token_store(encoder, dataset_root: str, store_dir: str, corpus_ids: S
   """Reuses the exported corpus + token index in `store_dir` when it matches; otherwise exports and builds it.
 
   A store written by another model (identity differs) or for another corpus (document ids differ) is refused with
-  ValueError unless `rebuild`, which re-exports it. Returns (TokenStore, TokenIndex, info dict with timings).
+  ValueError unless `rebuild`, which re-exports it; so is a token index built with other `xtr_build_index` settings
+  than the configured ones (`index.build_settings_mismatch`), which `rebuild` rebuilds from the kept export.
+  Returns (TokenStore, TokenIndex, info dict with timings).
   """
   want = export.document_identity(json.loads(json.dumps(encoder.identity())))
   manifest_path = os.path.join(store_dir, export.MANIFEST)
@@ -194,12 +196,19 @@ def ensure_token_store(encoder, dataset_root: str, store_dir: str, corpus_ids: S
       raise RuntimeError(f"{store_dir}: the export's document ids differ from the loaded corpus")
   idx_dir = os.path.join(store_dir, export.INDEX_SUBDIR)
   expect = dict(want, num_docs=store.manifest["num_docs"], num_tokens=store.num_tokens)
+  token_index = None
   if os.path.isfile(os.path.join(idx_dir, index_lib.INDEX_MANIFEST)):
     token_index = index_lib.load_index(idx_dir, expect_identity=expect)
     if token_index.backend != index_backend:
       raise ValueError(f"token index {idx_dir!r} is a {token_index.backend} index but index_backend="
                        f"{index_backend!r} was asked; delete it or use another index_root")
-  else:
+    what = _index_settings_mismatch(idx_dir, token_index.backend, token_index.params, token_index.num_tokens,
+                                    rebuild=rebuild)
+    if what:
+      logging.warning("rebuilding the token index in %s: %s", idx_dir, what)
+      shutil.rmtree(idx_dir)
+      token_index = None
+  if token_index is None:
     t0 = time.perf_counter()
     export.build_store_index(store_dir, backend=index_backend)
     info["index_build_s"] = time.perf_counter() - t0
@@ -207,6 +216,19 @@ def ensure_token_store(encoder, dataset_root: str, store_dir: str, corpus_ids: S
   info.update(num_docs=int(store.manifest["num_docs"]), num_tokens=int(store.num_tokens),
               backend=token_index.backend, params=dict(token_index.params), dtype=store.manifest["dtype"])
   return store, token_index, info
+
+
+def _index_settings_mismatch(idx_dir: str, backend: str, params: Mapping[str, Any], num_tokens: int, *,
+                             rebuild: bool) -> str:
+  """An index built with other `xtr_build_index` settings than the configured ones is never used silently: raises
+  ValueError naming each differing setting, or (rebuild) returns them as text ('' when none differ)."""
+  mismatch = index_lib.build_settings_mismatch(backend, params, num_tokens)
+  what = ", ".join(f"{k}: index {have!r}, configured {want!r}" for k, (have, want) in mismatch.items())
+  if what and not rebuild:
+    raise ValueError(f"token index {idx_dir!r} was built with other settings ({what}); refusing to use it. Set "
+                     "xtr_eval.rebuild_index=True to rebuild the index (the export is kept), point "
+                     "xtr_eval.index_root elsewhere, or (leaves searched only) use xtr_eval.leaves_to_search")
+  return what
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -580,7 +602,8 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
     index_root: where exported token stores + indexes live, one subdirectory per dataset (default
       OUTPUT_DIR/index, kept across --overwrite and reused when it matches model and corpus).
     index_backend: "scann" (paper setting) or "bruteforce"; ScaNN parameters come from gin `xtr_build_index.*`.
-    rebuild_index: re-export an index that belongs to another model / corpus instead of refusing it.
+    rebuild_index: re-export an index that belongs to another model / corpus, and rebuild a token index built with
+      other `xtr_build_index` settings than the configured ones, instead of refusing them.
     max_queries: evaluate only the first N judged queries (smoke runs).
     score_special_tokens: override the model's setting (None = as saved; see `models.XTRModel`), e.g. False to
       evaluate an untrained model the way a model trained without scoring special tokens is evaluated.
@@ -608,8 +631,14 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
     raise ValueError(f"datasets must have distinct directory names, got {names}")
   for root in roots:  # bad dataset input fails before any model loading or output is written
     check_split(root, split)
-  prepare_output_dir(output_dir, overwrite=overwrite)
   index_root = index_root or os.path.join(output_dir, INDEX_DIRNAME)
+  for name in names:  # ... and so does an index built with other settings (its manifest only is read here)
+    idx_dir = os.path.join(index_root, name, export.INDEX_SUBDIR)
+    if os.path.isfile(os.path.join(idx_dir, index_lib.INDEX_MANIFEST)):
+      manifest = index_lib.read_manifest(idx_dir)
+      _index_settings_mismatch(idx_dir, manifest["backend"], manifest["params"], manifest["num_tokens"],
+                               rebuild=rebuild_index)
+  prepare_output_dir(output_dir, overwrite=overwrite)
 
   gin_utils.write_operative_config(output_dir)
   encoder = models.load_pretrained(model, query_max_len=query_max_len, doc_max_len=doc_max_len,
