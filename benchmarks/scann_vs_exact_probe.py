@@ -10,7 +10,8 @@ index's token recall against exact search, the mean and 99th percentile of |ScaN
 retrieved tokens, and nDCG@10 of XTR scoring (k'-th score imputation) three ways: ScaNN's tokens and scores, ScaNN's
 tokens rescored exactly, and exact search. Also the anisotropy of the stored token embeddings (norm of their mean).
 `--center` adds the same rows for an index with the stored one's settings built over the mean-removed tokens
-(`xtr_build_index.center`). Test queries are encoded, but nothing is tuned here.
+(`xtr_build_index.center`); `--builds N` rebuilds each kind N times (ScaNN builds are not deterministic: its k-means
+samples at random) and prints mean +- sd. Test queries are encoded, but nothing is tuned here.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
   ap.add_argument("--doc_max_len", type=int, default=256, help="as the store was exported (eval_minilm_cpu.gin: 256)")
   ap.add_argument("--center", action="store_true",
                   help="also build the stored index's settings over the mean-removed tokens and print its rows")
+  ap.add_argument("--builds", type=int, default=0,
+                  help="rebuild the stored settings this many times (and as many centered builds with --center)")
   args = ap.parse_args()
 
   encoder = models.load_pretrained(args.model, query_max_len=args.query_max_len, doc_max_len=args.doc_max_len)
@@ -65,17 +68,19 @@ def main() -> None:
     run = metrics.run_from_rankings(xeval.to_rankings(qids, d, s, store.doc_ids, 100, drop_self=False))
     return 100 * metrics.evaluate(qrels, run)[0]["nDCG@10"]
 
-  indexes = [("stored index", token_index)]
-  if args.center:  # the same ScaNN settings over the mean-removed tokens (`xtr_build_index.center`), built here
-    params = {k: v for k, v in token_index.params.items() if k not in ("num_neighbors", "search_threads")}
-    centered = index_lib.build_index(embeddings, backend="scann", **dict(params, center=True))
-    print(f"centered index built in {centered.build_seconds:.0f}s")
-    indexes.append(("centered", centered))
   exact_of = {k: xeval.retrieve_tokens(exact_index, q, q_mask, store.token_doc, k, batch_size=32)
               for k in args.k_primes}
-  for label, idx in indexes:
-    print(f"\n{label}\n{'k_prime':>7} {'recall':>7} {'|err| mean':>10} {'p99':>7} {'nDCG scann':>10} "
-          f"{'+exact scores':>13} {'exact':>7}")
+  params = {k: v for k, v in token_index.params.items() if k not in ("num_neighbors", "search_threads")}
+  # ScaNN's k-means training samples at random, so two builds with the same settings differ: --builds N rebuilds
+  # the stored settings N times (and, with --center, N times over the mean-removed tokens) to show that spread.
+  kinds = [("rebuilt", dict(params, center=False))] * (args.builds > 0)
+  kinds += [("centered", dict(params, center=True))] if args.center else []
+  plan = [("stored index", None)] + [(f"{name} #{b + 1}", kw) for name, kw in kinds for b in range(max(args.builds, 1))]
+  results: dict[str, list[tuple[float, ...]]] = {}
+  print(f"\n{'index':<14} {'k_prime':>7} {'recall':>7} {'|err| mean':>10} {'p99':>7} {'nDCG scann':>10} "
+        f"{'+exact scores':>13} {'exact':>7}")
+  for label, kwargs in plan:
+    idx = token_index if kwargs is None else index_lib.build_index(embeddings, backend="scann", **kwargs)
     for k_prime in args.k_primes:
       approx = xeval.retrieve_tokens(idx, q, q_mask, store.token_doc, k_prime, batch_size=32)
       exact = exact_of[k_prime]
@@ -83,9 +88,20 @@ def main() -> None:
       valid = q_mask[:, :, None] & (approx.tokens >= 0)
       err = np.abs(true - approx.scores)[valid]
       rescored = xeval.Retrieved(scores=true, tokens=approx.tokens, docs=approx.docs, seconds=0.0)
-      recall = analysis.token_recall(approx.tokens, exact.tokens, q_mask)["mean"]
-      print(f"{k_prime:>7} {recall:>7.3f} {err.mean():>10.4f} {np.quantile(err, 0.99):>7.4f} {ndcg(approx):>10.1f} "
-            f"{ndcg(rescored):>13.1f} {ndcg(exact):>7.1f}", flush=True)
+      row = (analysis.token_recall(approx.tokens, exact.tokens, q_mask)["mean"], float(err.mean()),
+             float(np.quantile(err, 0.99)), ndcg(approx), ndcg(rescored), ndcg(exact))
+      results.setdefault(f"{label.split(' #')[0]} k'={k_prime}", []).append(row)
+      print(f"{label:<14} {k_prime:>7} {row[0]:>7.3f} {row[1]:>10.4f} {row[2]:>7.4f} {row[3]:>10.1f} {row[4]:>13.1f} "
+            f"{row[5]:>7.1f}", flush=True)
+    del idx
+  if args.builds > 1:
+    print("\nmean +- sd over builds: token recall, nDCG@10 (ScaNN scores)")
+    for key, rows in results.items():
+      if len(rows) > 1:
+        r = np.asarray(rows)
+        print(f"  {key:<22} recall {r[:, 0].mean():.3f} +- {r[:, 0].std(ddof=1):.3f}   nDCG {r[:, 3].mean():.1f} +- "
+              f"{r[:, 3].std(ddof=1):.1f}  ({len(rows)} builds)")
+
 
 if __name__ == "__main__":
   main()
