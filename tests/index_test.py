@@ -187,6 +187,17 @@ def test_principal_rotation_is_orthogonal_with_the_low_variance_directions_last(
       index.principal_rotation(sample, bad)
 
 
+def _reloads_identically_and_refuses_a_corrupted(directory, side_file, q, scores, ids):
+  """A saved index gives the same top-100 after load_index; its `side_file` altered by one value is refused."""
+  s, i = index.load_index(str(directory)).search(q, 100)
+  np.testing.assert_array_equal(i, ids)
+  np.testing.assert_array_equal(s, scores)
+  f = directory / side_file
+  f.write_bytes(f.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+  with pytest.raises(ValueError, match=f"{side_file}: sha256 mismatch"):
+    index.load_index(str(directory))
+
+
 def test_paired_dims_index_is_smaller_with_the_same_recall(data, tmp_path):
   x, q = data
   x, q = np.tile(x, (1, 4)) / 2.0, np.tile(q, (1, 4)) / 2.0  # 128-d, unit norm
@@ -212,14 +223,7 @@ def test_paired_dims_index_is_smaller_with_the_same_recall(data, tmp_path):
   rotation_bytes = os.path.getsize(tmp_path / "paired" / "rotation.npy")  # shared: 64 KiB whatever the corpus size
   assert rotation_bytes < 128 * 128 * 4 + 200
   assert saved("paired") - rotation_bytes / len(x) < saved("plain") - 7.0  # 8 fewer code bytes per token
-  back = index.load_index(str(tmp_path / "paired"))
-  s2, i2 = back.search(q, 100)
-  np.testing.assert_array_equal(i, i2)
-  np.testing.assert_array_equal(s, s2)
-  rot = tmp_path / "paired" / "rotation.npy"
-  rot.write_bytes(rot.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
-  with pytest.raises(ValueError, match="sha256 mismatch"):
-    index.load_index(str(tmp_path / "paired"))
+  _reloads_identically_and_refuses_a_corrupted(tmp_path / "paired", "rotation.npy", q, s, i)
   with pytest.raises(ValueError, match="hash_type='lut16' and dimensions_per_block=1"):
     index.build_index(x, backend="scann", paired_dims=32, dimensions_per_block=2, **kw)
   with pytest.raises(ValueError, match="paired_dims must be even"):
@@ -254,14 +258,7 @@ def test_centered_index_returns_true_scores_and_round_trips(data, tmp_path):
   centered.save(str(tmp_path / "c"))
   manifest = json.loads((tmp_path / "c" / index.INDEX_MANIFEST).read_text())
   assert "center.npy" in manifest["files"] and manifest["params"]["center"] is True
-  back = index.load_index(str(tmp_path / "c"))
-  s3, i3 = back.search(q, 100)
-  np.testing.assert_array_equal(i3, i)
-  np.testing.assert_array_equal(s3, s)
-  c = tmp_path / "c" / "center.npy"
-  c.write_bytes(c.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
-  with pytest.raises(ValueError, match="center.npy: sha256 mismatch"):
-    index.load_index(str(tmp_path / "c"))
+  _reloads_identically_and_refuses_a_corrupted(tmp_path / "c", "center.npy", q, s, i)
 
 
 def test_build_settings_mismatch_names_each_differing_setting(data):
