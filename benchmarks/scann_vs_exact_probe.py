@@ -73,9 +73,10 @@ def main() -> None:
   params = {k: v for k, v in token_index.params.items() if k not in ("num_neighbors", "search_threads")}
   # ScaNN's k-means training samples at random, so two builds with the same settings differ: --builds N rebuilds
   # the stored settings N times (and, with --center, N times over the mean-removed tokens) to show that spread.
-  kinds = [("rebuilt", dict(params, center=False))] * (args.builds > 0)
-  kinds += [("centered", dict(params, center=True))] if args.center else []
-  plan = [("stored index", None)] + [(f"{name} #{b + 1}", kw) for name, kw in kinds for b in range(max(args.builds, 1))]
+  plan = [("stored index", None)]
+  plan += [(f"rebuilt #{b + 1}", dict(params, center=False)) for b in range(args.builds)]
+  if args.center:
+    plan += [(f"centered #{b + 1}", dict(params, center=True)) for b in range(max(args.builds, 1))]
   results: dict[str, list[tuple[float, ...]]] = {}
   print(f"\n{'index':<14} {'k_prime':>7} {'recall':>7} {'|err| mean':>10} {'p99':>7} {'nDCG scann':>10} "
         f"{'+exact scores':>13} {'exact':>7}")
