@@ -408,10 +408,8 @@ def _load_scann_searcher(scann_dir: str):
 
 def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_search: int, training_sample_size: int,
                  dimensions_per_block: int, anisotropic_quantization_threshold: float, hash_type: str, reorder_k: int,
-                 spherical: bool, paired_dims: int, center: bool, num_neighbors: int, training_threads: int,
-                 search_threads: int):
+                 spherical: bool, paired_dims: int, center: bool, num_neighbors: int, training_threads: int):
   """-> (ScaNN searcher, float32 [D, D] rotation or None, float32 [D] mean or None); sizes already clamped to T."""
-  del search_threads  # a search-time setting
   import scann  # pylint: disable=g-import-not-at-top
   t = embeddings.shape[0]
   db = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -496,7 +494,8 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
         anisotropic_quantization_threshold=anisotropic_quantization_threshold, hash_type=hash_type,
         reorder_k=reorder_k, spherical=spherical, training_threads=training_threads, paired_dims=paired_dims,
         center=center, search_threads=search_threads)
-    searcher, rotation, mean = _build_scann(embeddings, **params)
+    searcher, rotation, mean = _build_scann(embeddings, **{k: v for k, v in params.items()
+                                                           if k != "search_threads"})
     idx = ScannIndex(searcher, num_tokens=t, dim=embeddings.shape[1], params=params, identity=identity,
                      rotation=rotation, center=mean)
   idx.build_seconds = time.perf_counter() - start
