@@ -177,6 +177,19 @@ def run_recipe(name: str, *, out: str, heldout: str, drop: list[str], env: dict[
     experiment, overrides = RECIPES[name]
     model_dir = os.path.join(work, "train")
     model = os.path.join(model_dir, "model")
+    recipe_file = os.path.join(work, "recipe.json")
+    recipe = {"experiment": experiment, "overrides": overrides, "heldout_drop": drop}
+    # A model dir (finished, or checkpoints a restart would resume from) is reused only for the same recipe and split.
+    if os.path.exists(model_dir):
+      previous = None
+      if os.path.isfile(recipe_file):
+        with open(recipe_file, encoding="utf-8") as f:
+          previous = json.load(f)
+      if previous != recipe:
+        raise ValueError(f"{name}: {model_dir} holds a run of another recipe or held-out split (see {recipe_file}); "
+                         "use another --out")
+    with open(recipe_file, "w", encoding="utf-8") as f:
+      json.dump(recipe, f, indent=1)
     if not os.path.isdir(model):
       cmd = [py, "-m", "xtr_jax.train", f"--gin_file=experiments/{experiment}.gin",
              f"--gin.MODEL_DIR={model_dir!r}", f"--gin.scifact_clean/xtr_source_excluding.example_ids={drop!r}",

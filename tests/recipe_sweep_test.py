@@ -102,3 +102,16 @@ def test_paired_tests_against_the_baseline(sweep, tmp_path):
   (tmp_path / "a" / f"{sweep.SYSTEMS[0]}.tsv").write_text("query_id\tnDCG@10\n0\t1.0\n")
   with pytest.raises(ValueError, match="different queries"):
     sweep.paired_tests(results, "untrained")
+
+
+def test_a_model_of_another_recipe_is_never_reused(sweep, tmp_path, monkeypatch):
+  ran = []
+  monkeypatch.setattr(sweep, "_run", lambda cmd, *a, **k: ran.append(cmd))
+  (tmp_path / "xtr_b256" / "train" / "model").mkdir(parents=True)
+  for recipe_json in (None, {"experiment": "xtr_minilm_cpu_b256", "overrides": ["xtr_loss.k_train=256"],
+                             "heldout_drop": ["1/2"]}):
+    if recipe_json is not None:
+      (tmp_path / "xtr_b256" / "recipe.json").write_text(json.dumps(recipe_json))
+    with pytest.raises(ValueError, match="another recipe or held-out split"):
+      sweep.run_recipe("xtr_b256", out=str(tmp_path), heldout="unused", drop=["1/2"], env={}, max_queries=None)
+  assert not ran  # neither training nor evaluation started
