@@ -1,15 +1,14 @@
 """Tunes the MiniLM XTR recipe on HELD-OUT SciFact train queries, never on SciFact test or Cranfield.
 
 Issue 9 asks for the learning rate, batch, k_train and data mixture to be chosen on SciFact train or a held-out slice
-of the training data. This script holds out every `--every`-th SciFact train query and every query sharing its text (with all their qrels
-rows): it
-writes them as a small BEIR dataset (`<out>/heldout_scifact/`: the SciFact corpus, the held-out queries, their qrels
-as split "test"), drops their (query, positive) rows from the training mixture by example id, adds the held-out set
-to the overlap guard's evaluation datasets (training refuses to start if any held-out query text is still among the
-training queries), then for each named recipe trains with `python -m xtr_jax.train` on the experiment file and
-evaluates with `python -m xtr_jax.eval` on the held-out queries with EXACT token search (bruteforce backend: no ScaNN
-build noise), XTR scoring at k' = 100 / 1000 and full ColBERT rescoring. The untrained MiniLM (no head, special
-tokens unscored) is evaluated the same way as the bar to beat.
+of the training data. This script holds out every `--every`-th SciFact train query and every query sharing its text
+(with all their qrels rows): it writes them as a small BEIR dataset (`<out>/heldout_scifact/`: the SciFact corpus, the
+held-out queries, their qrels as split "test"), drops their (query, positive) rows from the training mixture by
+example id, adds the held-out set to the overlap guard's evaluation datasets (training refuses to start if any
+held-out query text is still among the training queries), then for each named recipe trains with
+`python -m xtr_jax.train` on the experiment file and evaluates with `python -m xtr_jax.eval` on the held-out queries
+with EXACT token search (bruteforce backend: no ScaNN build noise), XTR scoring at k' = 100 / 1000 and full ColBERT
+rescoring. The untrained MiniLM (no head, special tokens unscored) is evaluated the same way as the bar to beat.
 
     python benchmarks/recipe_sweep.py --out /tmp/sweep --recipes untrained xtr_b256 colbert_b256 xtr_b256_k256
     python benchmarks/recipe_sweep.py --list
