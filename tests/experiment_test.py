@@ -82,6 +82,7 @@ def test_two_step_smoke_run_starts_from_minilm(data_dir, tmp_path, capsys):
   assert re.search(r"\[overlap\] [\d,]+ training queries checked against 525 test queries of 2 evaluation datasets: "
                    r"no overlap", out), out
   assert "101 arrays loaded" in out  # every MiniLM encoder tensor; the head and optimizer state start fresh
+  assert "parameters left at their initialisation: params/token_proj/kernel (+ " in out
   assert "step 2/2" in out
   operative = (model_dir / "config.gin").read_text()
   assert "XTRModel.loss = @xtr_loss" in operative

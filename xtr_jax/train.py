@@ -169,8 +169,10 @@ def train(*, model: Any = gin.REQUIRED, partitioner: partitioning.Partitioner | 
           scan_layers=model.encoder_config.scan_layers)
       state, loaded, skipped = checkpointing.apply_restore_rules(state, source, restore_cfg)
       if is_chief:
-        print(f"[train] started from {restore_cfg.path}: {len(loaded)} arrays loaded, {len(skipped)} kept "
-              "their initialisation", flush=True)
+        fresh = [n for n in skipped if n.startswith("params/")]  # the rest: optimizer state and the step counter
+        shown = ", ".join(fresh[:6]) + (f" and {len(fresh) - 6} more" if len(fresh) > 6 else "") or "none"
+        print(f"[train] started from {restore_cfg.path}: {len(loaded)} arrays loaded; parameters left at their "
+              f"initialisation: {shown} (+ {len(skipped) - len(fresh)} optimizer-state / step arrays)", flush=True)
     if head_init is not None:
       params, info = head_init(tr, state.params, train_data)
       state = state.replace(params=params)
