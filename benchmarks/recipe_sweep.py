@@ -15,10 +15,11 @@ rescoring. The untrained MiniLM (no head, special tokens unscored) is evaluated 
 
 Each recipe is an experiment file (experiments/{xtr,colbert}_minilm_cpu{,_b256}.gin) plus gin overrides (RECIPES);
 all of them see the same ~8,000 training examples, so each one fits the 60-minute CPU budget, except the `_x10`
-recipes (ten times the steps: questions for a GPU). `--parallel N` runs N
-recipes at once (on a GPU: JAX is told not to pre-allocate its memory). Prints one table (nDCG@10 x100 and the
-k' = 100 loss vs ColBERT rescoring; `<out>/sweep.tsv`) and each recipe's per-query difference from `--baseline` with a
-paired t-test (`<out>/paired_tests.tsv`). `--report_only` tabulates recipes an earlier run finished.
+recipes (ten times the steps: questions for a GPU). `--parallel N` runs N recipes at once (on a GPU: JAX is told not
+to pre-allocate its memory; set JAX_COMPILATION_CACHE_DIR so the recipes share compiled programs). Prints one table
+(nDCG@10 x100 and the k' = 100 loss vs ColBERT rescoring; `<out>/sweep.tsv`) and each recipe's per-query difference
+from `--baseline` with a paired t-test (`<out>/paired_tests.tsv`). `--report_only` tabulates recipes an earlier run
+finished.
 """
 
 from __future__ import annotations
