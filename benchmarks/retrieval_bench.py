@@ -13,20 +13,24 @@ For each k' (token_top_k):
       `search_batched` per query (its tokens), then the notebook's per-query Python loop (dict of max per
       (doc, query token), missing similarity = the k'-th score, mean over query tokens, sorted()).
   (b) ours: ONE `search_batched` for all tokens of a batch of queries + `xtr_jax.scoring.xtr_score` (jit), with
-      num_leaves_to_search = the notebook's 100 and, per k', the cheapest setting from the sweep whose top-10
-      agreement with exact XTR is within --tolerance of the default's.
+      num_leaves_to_search = the notebook's 100 and, per k' and index, the cheapest setting from the sweep whose
+      top-10 agreement with exact XTR is within --tolerance of the notebook index's at its 100 leaves.
 Reported: ms/query (mean over queries; (a) also median), search / scoring split, token recall@k' vs brute force,
 top-10 agreement with exact XTR (brute-force token retrieval + the same scorer), whether (a) and (b) rank the same
 retrieved tokens identically (columns same(a) / ident on the (a) row: our scorer fed exactly (a)'s retrieved tokens;
 on (b) rows: end to end, where ScaNN's batched search may return slightly different tokens than per-query search),
 index bytes per token (every file of the saved index, manifest excluded) and build time.
 `--extra_paired_dims 16` adds the notebook index with 16 low-variance principal directions at 2 bits each
-(`xtr_build_index.paired_dims`), `--extra_dims_per_block 2` one with 2 dims per 4-bit code everywhere.
+(`xtr_build_index.paired_dims`), `--extra_dims_per_block 2` one with 2 dims per 4-bit code everywhere,
+`--extra_soar_lambda 1.5` one with SOAR spilling (`xtr_build_index.soar_lambda`: each token also in a second leaf,
+so fewer leaves need searching for the same recall, at about twice the bytes/token); `--extra_index KEY=VALUE,...`
+any other `xtr_build_index` setting, e.g. reordering.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -152,6 +156,14 @@ def dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
 
 
+def _literal(text: str):
+  """'1.5' -> 1.5, '2' -> 2, 'int8' -> 'int8'."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "beir",
@@ -169,6 +181,12 @@ def main() -> None:
   ap.add_argument("--extra_paired_dims", type=int, default=16,
                   help="also build the notebook index with this many low-variance principal directions quantized "
                        "two per 4-bit code (xtr_build_index.paired_dims; fewer bytes/token); 0 = skip")
+  ap.add_argument("--extra_soar_lambda", type=float, default=1.5,
+                  help="also build the notebook index with SOAR spilling at this lambda (xtr_build_index.soar_lambda:"
+                       " more token recall per leaf searched, a second set of codes); 0 = skip")
+  ap.add_argument("--extra_index", action="append", default=[], metavar="KEY=VALUE,...",
+                  help="also build an index with these `xtr_build_index` keywords on top of the notebook's, e.g. "
+                       "soar_lambda=1.5,reorder_k=1,reorder_dtype=int8,reorder_factor=1.5 (repeatable)")
   ap.add_argument("--encode_threads", type=int, default=2)
   ap.add_argument("--json_out", default=None)
   args = ap.parse_args()
@@ -217,7 +235,12 @@ def main() -> None:
   extra = [(f"AH dpb={args.extra_dims_per_block}", f"scann_dpb{args.extra_dims_per_block}",
             {"dimensions_per_block": args.extra_dims_per_block}) if args.extra_dims_per_block else None,
            (f"AH paired={args.extra_paired_dims}", f"scann_paired{args.extra_paired_dims}",
-            {"paired_dims": args.extra_paired_dims}) if args.extra_paired_dims else None]
+            {"paired_dims": args.extra_paired_dims}) if args.extra_paired_dims else None,
+           (f"AH soar={args.extra_soar_lambda:g}", f"scann_soar{args.extra_soar_lambda:g}",
+            {"soar_lambda": args.extra_soar_lambda}) if args.extra_soar_lambda else None]
+  for n, spec in enumerate(args.extra_index):
+    kwargs = {k: _literal(v) for k, v in (kv.split("=", 1) for kv in spec.split(","))}
+    extra.append((" ".join(f"{k}={v}" for k, v in kwargs.items()), f"scann_extra{n}", kwargs))
   for name, dirname, kwargs in filter(None, extra):  # same build / save / size measurement as the notebook index
     t0 = time.perf_counter()
     idx = index_lib.build_index(emb, backend="scann", **kwargs)
@@ -267,7 +290,9 @@ def main() -> None:
                  "identical_to_a": scorer_ident})
     print(rows[-1], flush=True)
 
-    # (b) ours: batched search + jitted scorer, for each index and leaves setting.
+    # (b) ours: batched search + jitted scorer, for each index and leaves setting. The quality bar for "tuned" is the
+    # notebook index at its 100 leaves: every index is held to the notebook's top-10 agreement with exact XTR.
+    bar = None
     for name, idx, _, _ in indexes:
       sweep = []
       for leaves in [int(x) for x in args.leaves_sweep.split(",")]:
@@ -286,7 +311,8 @@ def main() -> None:
         sweep.append(row)
         print(row, flush=True)
       base = next(r for r in sweep if r["leaves"] == 100)
-      ok = [r for r in sweep if r["top10_vs_exact"] >= base["top10_vs_exact"] - args.tolerance]
+      bar = base["top10_vs_exact"] if bar is None else bar
+      ok = [r for r in sweep if r["top10_vs_exact"] >= bar - args.tolerance] or [base]
       tuned = min(ok, key=lambda r: r["ms_per_query"])
       base["tag"] = "default leaves"
       tuned["tag"] = (tuned.get("tag", "") + " tuned").strip()

@@ -261,6 +261,85 @@ def test_centered_index_returns_true_scores_and_round_trips(data, tmp_path):
   _reloads_identically_and_refuses_a_corrupted(tmp_path / "c", "center.npy", q, s, i)
 
 
+def test_quantized_reordering_rescores_k_times_factor_candidates_and_round_trips(data, tmp_path):
+  x, q = data
+  kw = dict(num_leaves=200, num_leaves_to_search=20, training_sample_size=5000)
+  plain = index.build_index(x, backend="scann", **kw)
+  sims = q @ x.T
+  err = lambda s, i: np.abs(s - np.take_along_axis(sims, i, 1)).max()  # noqa: E731
+  assert err(*plain.search(q, 100)) > 0.05  # 4-bit AH scores
+  assert plain.params["reorder_dtype"] == "none"
+  plain.save(str(tmp_path / "plain"))
+  plain_bytes = plain.index_bytes(str(tmp_path / "plain")) / len(x)
+  for dtype, bytes_per_dim, tol in (("int8", 1, 0.01), ("bfloat16", 2, 0.004), ("float32", 4, 1e-5)):
+    idx = index.build_index(x, backend="scann", reorder_k=1, reorder_dtype=dtype, reorder_factor=2.0, **kw)
+    assert idx.params["reorder_dtype"] == dtype and idx.params["reorder_factor"] == 2.0
+    s, i = idx.search(q, 100)
+    assert err(s, i) < tol, (dtype, err(s, i))  # the returned scores are the reordering's
+    assert np.all(np.diff(s, axis=1) <= 0)
+    idx.save(str(tmp_path / dtype))
+    extra = idx.index_bytes(str(tmp_path / dtype)) / len(x) - plain_bytes
+    assert bytes_per_dim * x.shape[1] <= extra <= bytes_per_dim * x.shape[1] + 8, (dtype, extra)
+    _reloads_identically_and_refuses_a_corrupted(tmp_path / dtype, "scann/scann_config.pb", q, s, i)
+  # How many AH candidates are rescored: max(reorder_k, ceil(reorder_factor x k)).
+  calls = []
+
+  class Recorder:
+    def __init__(self, searcher):
+      self.searcher = searcher
+
+    def search_batched(self, queries, **kwargs):
+      calls.append(kwargs)
+      return self.searcher.search_batched(queries, **kwargs)
+
+  idx.searcher = Recorder(idx.searcher)
+  idx.search(q, 100)
+  idx.params["reorder_k"] = 500
+  idx.search(q, 100)
+  idx.params.update(reorder_k=1, reorder_factor=1.5)
+  idx.search(q, 7)
+  assert [c["pre_reorder_num_neighbors"] for c in calls] == [200, 500, 11]
+  with pytest.raises(ValueError, match="reorder_dtype must be one of"):
+    index.build_index(x, backend="scann", reorder_k=10, reorder_dtype="float8", **kw)
+  with pytest.raises(ValueError, match="reorder_factor >= 1"):
+    index.build_index(x, backend="scann", reorder_k=10, reorder_factor=0.5, **kw)
+
+
+def test_soar_index_spills_each_token_returns_distinct_tokens_and_round_trips(data, tmp_path):
+  x, q = data
+  kw = dict(num_leaves=200, num_leaves_to_search=10, training_sample_size=5000)
+  plain = index.build_index(x, backend="scann", **kw)
+  soar = index.build_index(x, backend="scann", soar_lambda=1.5, **kw)
+  assert soar.params["soar_lambda"] == 1.5 and soar.params["overretrieve_factor"] == 2.0
+  assert plain.params["soar_lambda"] == 0.0 and plain.params["overretrieve_factor"] == 0.0
+  exact = index.build_index(x, backend="bruteforce").search(q, 100)[1]
+  s, i = soar.search(q, 100)
+  # A token found through both of its leaves is returned once, and k distinct tokens still come back.
+  assert (i >= 0).all() and all(len(set(row)) == 100 for row in i)
+  assert np.all(np.diff(s, axis=1) <= 1e-6)
+  assert np.mean([len(set(a) & set(b)) / 100 for a, b in zip(i, exact)]) >= 0.85
+  soar.save(str(tmp_path / "soar"))
+  plain.save(str(tmp_path / "plain"))
+  names = set(os.listdir(tmp_path / "soar" / "scann"))
+  # Both code sets (the secondary one is quantized against the second leaf) two per byte; leaf ids bit-packed
+  # with ScaNN's -1 (no second leaf) shifted to 0: the spilled index holds 2T leaf ids of 8 bits (200 leaves + 1).
+  assert {"hashed_dataset.nibbles.npy", "hashed_dataset_soar.nibbles.npy"} <= names
+  assert not names & {"hashed_dataset.npy", "hashed_dataset_soar.npy", "datapoint_to_token.npy"}
+  meta = json.loads((tmp_path / "soar" / "scann" / "datapoint_to_token.bits.npy.json").read_text())
+  assert meta["count"] == 2 * len(x) and meta["offset"] == 1 and meta["bits"] == 8
+  leaves = index.unpack_bits(np.load(tmp_path / "soar" / "scann" / "datapoint_to_token.bits.npy"), meta["count"],
+                             meta["bits"]) - 1
+  assert leaves.min() == -1 and leaves.max() < 200
+  plain_bytes = plain.index_bytes(str(tmp_path / "plain")) / len(x)
+  soar_bytes = soar.index_bytes(str(tmp_path / "soar")) / len(x)
+  assert x.shape[1] / 2 <= soar_bytes - plain_bytes <= x.shape[1] / 2 + 2, (plain_bytes, soar_bytes)
+  _reloads_identically_and_refuses_a_corrupted(tmp_path / "soar", "scann/hashed_dataset_soar.nibbles.npy", q, s, i)
+  with pytest.raises(ValueError, match="soar_lambda must be >= 0"):
+    index.build_index(x, backend="scann", soar_lambda=-1.0, **kw)
+  with pytest.raises(ValueError, match="overretrieve_factor >= 1"):
+    index.build_index(x, backend="scann", soar_lambda=1.0, overretrieve_factor=0.5, **kw)
+
+
 def test_build_settings_mismatch_names_each_differing_setting(data):
   x = data[0][:3000]
   try:
@@ -272,6 +351,23 @@ def test_build_settings_mismatch_names_each_differing_setting(data):
     assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
     del idx.params["center"]  # an index saved before the setting existed was built without it
     assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
+    for key in ("soar_lambda", "overretrieve_factor"):
+      del idx.params[key]
+    gin.parse_config(["xtr_build_index.soar_lambda = 1.5"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60), "soar_lambda": (0.0, 1.5),
+                          "overretrieve_factor": (0.0, 2.0)}
+    gin.parse_config(["xtr_build_index.soar_lambda = 0.0", "xtr_build_index.overretrieve_factor = 3.0"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}  # without spilling it is not used
+    gin.parse_config(["xtr_build_index.reorder_k = 100"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60), "reorder_k": (0, 100),
+                          "reorder_dtype": ("none", "float32")}
+    idx.params["reorder_k"] = 100
+    del idx.params["reorder_dtype"]  # saved before the setting existed: float32 was the only reordering
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
+    gin.parse_config(["xtr_build_index.reorder_dtype = 'int8'", "xtr_build_index.reorder_factor = 3.0"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60), "reorder_dtype": ("float32", "int8")}
+    gin.parse_config(["xtr_build_index.reorder_k = 0", "xtr_build_index.reorder_dtype = 'float32'"])
+    idx.params["reorder_k"] = 0
     # Sizes are compared as clamped to the corpus, as built: 250,000 sampled of 3,000 tokens is all 3,000.
     gin.parse_config(["xtr_build_index.center = False", "xtr_build_index.num_leaves = 50",
                       "xtr_build_index.training_sample_size = 1000000"])

@@ -39,6 +39,7 @@ import abc
 import functools
 import inspect
 import json
+import math
 import os
 import re
 import tempfile
@@ -221,7 +222,8 @@ class ScannIndex(TokenIndex):
     leaves = leaves_to_search or self.params["num_leaves_to_search"]
     kwargs: dict[str, Any] = {"final_num_neighbors": k, "leaves_to_search": leaves}
     if self.params.get("reorder_k"):
-      kwargs["pre_reorder_num_neighbors"] = max(int(self.params["reorder_k"]), k)
+      kwargs["pre_reorder_num_neighbors"] = max(int(self.params["reorder_k"]),
+                                                math.ceil(float(self.params.get("reorder_factor", 1.0)) * k))
     if int(self.params.get("search_threads", 1)) > 1:
       ids, scores = self.searcher.search_batched_parallel(q, **kwargs)
     else:
@@ -310,6 +312,8 @@ def _paired_projection_config(config: str, dim: int, paired_dims: int) -> str:
 # restores ScaNN's own layout in a temporary directory just long enough for `load_searcher` to read it into memory.
 _CODES, _LEAVES = "hashed_dataset.npy", "datapoint_to_token.npy"
 _PACKED_CODES = "hashed_dataset.nibbles.npy"
+_SOAR_CODES, _PACKED_SOAR_CODES = "hashed_dataset_soar.npy", "hashed_dataset_soar.nibbles.npy"  # soar_lambda > 0
+_CODE_FILES = ((_CODES, _PACKED_CODES), (_SOAR_CODES, _PACKED_SOAR_CODES))
 _PACKED_LEAVES = "datapoint_to_token.uint16.npy"  # leaf ids as uint16: indexes saved before the bit-packed layout
 _BIT_LEAVES = "datapoint_to_token.bits.npy"
 
@@ -352,44 +356,50 @@ def unpack_nibbles(packed: np.ndarray, num_codes: int) -> np.ndarray:
 
 
 def _compact_scann_arrays(scann_dir: str) -> None:
-  codes_path, leaves_path = os.path.join(scann_dir, _CODES), os.path.join(scann_dir, _LEAVES)
-  if os.path.isfile(codes_path):
+  for plain, packed_name in _CODE_FILES:
+    codes_path = os.path.join(scann_dir, plain)
+    if not os.path.isfile(codes_path):
+      continue
     codes = np.load(codes_path, allow_pickle=False)
     if codes.dtype == np.uint8 and codes.ndim == 2 and (codes.size == 0 or int(codes.max()) < 16):
-      packed = pack_nibbles(codes)
-      np.save(os.path.join(scann_dir, _PACKED_CODES), packed, allow_pickle=False)
-      with open(os.path.join(scann_dir, _PACKED_CODES + ".json"), "w", encoding="utf-8") as f:
+      np.save(os.path.join(scann_dir, packed_name), pack_nibbles(codes), allow_pickle=False)
+      with open(os.path.join(scann_dir, packed_name + ".json"), "w", encoding="utf-8") as f:
         json.dump({"num_codes": int(codes.shape[1])}, f)
       os.remove(codes_path)
+  leaves_path = os.path.join(scann_dir, _LEAVES)
   if os.path.isfile(leaves_path):
     leaves = np.load(leaves_path, allow_pickle=False)
-    if leaves.ndim == 1 and leaves.dtype == np.int32 and (leaves.size == 0 or leaves.min() >= 0):
-      packed, bits = pack_bits(leaves)
+    # With SOAR, ScaNN lists a primary and a secondary leaf per token, -1 where a token has no secondary one.
+    offset = 1 if leaves.size and leaves.min() == -1 else 0
+    if leaves.ndim == 1 and leaves.dtype == np.int32 and (leaves.size == 0 or leaves.min() >= -offset):
+      packed, bits = pack_bits(leaves + offset)
       np.save(os.path.join(scann_dir, _BIT_LEAVES), packed, allow_pickle=False)
       with open(os.path.join(scann_dir, _BIT_LEAVES + ".json"), "w", encoding="utf-8") as f:
-        json.dump({"count": int(leaves.size), "bits": bits}, f)
+        json.dump({"count": int(leaves.size), "bits": bits, "offset": offset}, f)
       os.remove(leaves_path)
 
 
 def _load_scann_searcher(scann_dir: str):
   """`scann.load_searcher` on a directory written by `ScannIndex._save_files` (compact or ScaNN's own layout)."""
   import scann  # pylint: disable=g-import-not-at-top
-  compact = [n for n in (_PACKED_CODES, _PACKED_LEAVES, _BIT_LEAVES) if os.path.isfile(os.path.join(scann_dir, n))]
+  own = {packed for _, packed in _CODE_FILES} | {_PACKED_LEAVES, _BIT_LEAVES}
+  compact = [n for n in sorted(own) if os.path.isfile(os.path.join(scann_dir, n))]
   if not compact:
     return scann.scann_ops_pybind.load_searcher(scann_dir)
   with tempfile.TemporaryDirectory(prefix="xtr_scann_") as tmp:
     for name in os.listdir(scann_dir):
-      if name not in (_PACKED_CODES, _PACKED_CODES + ".json", _PACKED_LEAVES, _BIT_LEAVES, _BIT_LEAVES + ".json"):
+      if name not in own and name.removesuffix(".json") not in own:
         os.symlink(os.path.abspath(os.path.join(scann_dir, name)), os.path.join(tmp, name))
-    if _PACKED_CODES in compact:
-      meta_path = os.path.join(scann_dir, _PACKED_CODES + ".json")
-      with open(meta_path, encoding="utf-8") as f:
+    for plain, packed_name in _CODE_FILES:
+      if packed_name not in compact:
+        continue
+      with open(os.path.join(scann_dir, packed_name + ".json"), encoding="utf-8") as f:
         num_codes = int(json.load(f)["num_codes"])
-      packed = np.load(os.path.join(scann_dir, _PACKED_CODES), allow_pickle=False)
+      packed = np.load(os.path.join(scann_dir, packed_name), allow_pickle=False)
       if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != (num_codes + 1) // 2:
-        raise ValueError(f"{scann_dir}/{_PACKED_CODES}: expected uint8 [T, {(num_codes + 1) // 2}], got "
+        raise ValueError(f"{scann_dir}/{packed_name}: expected uint8 [T, {(num_codes + 1) // 2}], got "
                          f"{packed.dtype} {list(packed.shape)}")
-      np.save(os.path.join(tmp, _CODES), unpack_nibbles(packed, num_codes), allow_pickle=False)
+      np.save(os.path.join(tmp, plain), unpack_nibbles(packed, num_codes), allow_pickle=False)
       del packed
     if _PACKED_LEAVES in compact:
       leaves = np.load(os.path.join(scann_dir, _PACKED_LEAVES), allow_pickle=False)
@@ -402,13 +412,15 @@ def _load_scann_searcher(scann_dir: str):
                              int(meta["bits"]))
       except ValueError as e:
         raise ValueError(f"{scann_dir}/{_BIT_LEAVES}: {e}") from e
-      np.save(os.path.join(tmp, _LEAVES), leaves, allow_pickle=False)
+      np.save(os.path.join(tmp, _LEAVES), leaves - int(meta.get("offset", 0)), allow_pickle=False)
     return scann.scann_ops_pybind.load_searcher(tmp)
 
 
 def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_search: int, training_sample_size: int,
                  dimensions_per_block: int, anisotropic_quantization_threshold: float, hash_type: str, reorder_k: int,
-                 spherical: bool, paired_dims: int, center: bool, num_neighbors: int, training_threads: int):
+                 reorder_dtype: str,
+                 spherical: bool, paired_dims: int, center: bool, soar_lambda: float, overretrieve_factor: float,
+                 num_neighbors: int, training_threads: int):
   """-> (ScaNN searcher, float32 [D, D] rotation or None, float32 [D] mean or None); sizes already clamped to T."""
   import scann  # pylint: disable=g-import-not-at-top
   t = embeddings.shape[0]
@@ -425,13 +437,15 @@ def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_searc
     rows = np.random.default_rng(0).choice(t, size=training_sample_size, replace=False)
     rotation = principal_rotation(db[np.sort(rows)], paired_dims)
     db = np.ascontiguousarray(db @ rotation.T)
+  soar = {"soar_lambda": soar_lambda, "overretrieve_factor": overretrieve_factor} if soar_lambda else {}
   builder = scann.scann_ops_pybind.builder(db, num_neighbors, "dot_product").tree(
       num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search, training_sample_size=training_sample_size,
-      spherical=spherical).score_ah(dimensions_per_block,
+      spherical=spherical, **soar).score_ah(dimensions_per_block,
                                     anisotropic_quantization_threshold=anisotropic_quantization_threshold,
                                     hash_type=hash_type)
   if reorder_k:
-    builder = builder.reorder(reorder_k)
+    from scann.scann_ops.py import scann_builder  # pylint: disable=g-import-not-at-top
+    builder = builder.reorder(reorder_k, quantize=getattr(scann_builder.ReorderType, reorder_dtype.upper()))
   if training_threads:
     builder = builder.set_n_training_threads(training_threads)
   if not paired_dims:
@@ -441,25 +455,38 @@ def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_searc
 
 
 def _scann_params(num_tokens: int, *, num_neighbors, num_leaves, num_leaves_to_search, training_sample_size,
-                  dimensions_per_block, anisotropic_quantization_threshold, hash_type, reorder_k, spherical,
-                  training_threads, paired_dims, center, search_threads) -> dict[str, Any]:
+                  dimensions_per_block, anisotropic_quantization_threshold, hash_type, reorder_k, reorder_dtype,
+                  reorder_factor, spherical,
+                  training_threads, paired_dims, center, soar_lambda, overretrieve_factor,
+                  search_threads) -> dict[str, Any]:
   """The parameters a ScaNN index over `num_tokens` tokens records: typed, sizes clamped to the corpus."""
   leaves = min(int(num_leaves), num_tokens)
+  if reorder_dtype not in _REORDER_DTYPES or float(reorder_factor) < 1:
+    raise ValueError(f"reorder_dtype must be one of {_REORDER_DTYPES} and reorder_factor >= 1, got "
+                     f"reorder_dtype={reorder_dtype!r}, reorder_factor={reorder_factor}")
+  if float(soar_lambda) < 0 or (soar_lambda and float(overretrieve_factor) < 1):
+    raise ValueError(f"soar_lambda must be >= 0 (0 = no spilling) and overretrieve_factor >= 1, got "
+                     f"soar_lambda={soar_lambda}, overretrieve_factor={overretrieve_factor}")
   return {"num_neighbors": int(num_neighbors), "num_leaves": leaves,
           "num_leaves_to_search": min(int(num_leaves_to_search), leaves),
           "training_sample_size": min(int(training_sample_size), num_tokens),
           "dimensions_per_block": int(dimensions_per_block),
           "anisotropic_quantization_threshold": float(anisotropic_quantization_threshold),
-          "hash_type": str(hash_type), "reorder_k": int(reorder_k), "spherical": bool(spherical),
+          "hash_type": str(hash_type), "reorder_k": int(reorder_k),
+          "reorder_dtype": str(reorder_dtype) if reorder_k else "none", "reorder_factor": float(reorder_factor),
+          "spherical": bool(spherical),
           "training_threads": int(training_threads), "paired_dims": int(paired_dims), "center": bool(center),
+          "soar_lambda": float(soar_lambda),
+          "overretrieve_factor": float(overretrieve_factor) if soar_lambda else 0.0,
           "search_threads": int(search_threads)}
 
 
 # What decides the contents of a ScaNN index (the rest are search-time or build-speed settings); an index is reused
 # only when these equal the configured ones. num_leaves_to_search is the searcher's default, kept in its config.
+_REORDER_DTYPES = ("float32", "int8", "bfloat16")
 _SCANN_BUILD_KEYS = ("num_leaves", "num_leaves_to_search", "training_sample_size", "dimensions_per_block",
-                     "anisotropic_quantization_threshold", "hash_type", "reorder_k", "spherical", "paired_dims",
-                     "center")
+                     "anisotropic_quantization_threshold", "hash_type", "reorder_k", "reorder_dtype", "spherical",
+                     "paired_dims", "center", "soar_lambda", "overretrieve_factor")
 
 
 @gin.configurable("xtr_build_index", denylist=["embeddings", "identity"])
@@ -467,18 +494,26 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
                 num_neighbors: int = 1000, num_leaves: int = 2000, num_leaves_to_search: int = 100,
                 training_sample_size: int = 250000, dimensions_per_block: int = 1,
                 anisotropic_quantization_threshold: float = 0.1, hash_type: str = "lut16", reorder_k: int = 0,
+                reorder_dtype: str = "float32", reorder_factor: float = 1.0,
                 spherical: bool = False, training_threads: int = 0, paired_dims: int = 0, center: bool = False,
-                search_threads: int = 1, chunk_size: int = 65536, query_batch: int = 1024) -> TokenIndex:
+                soar_lambda: float = 0.0, overretrieve_factor: float = 2.0, search_threads: int = 1,
+                chunk_size: int = 65536, query_batch: int = 1024) -> TokenIndex:
   """Builds a token index over `embeddings` float16/float32 [T, D] (row t = global token id t).
 
   ScaNN keywords (num_leaves .. spherical) follow `scann_builder`; num_leaves, num_leaves_to_search and
-  training_sample_size are clamped to T as the XTR notebook does. `reorder_k` > 0 adds exact float reordering of
-  that many AH candidates. `paired_dims` (even, lut16 with 1 dim per block only) quantizes that many
-  lowest-variance principal directions two per 4-bit code in a rotated basis (module docstring; 0 = the notebook's
-  code). `center` indexes the embeddings minus their mean and adds query . mean back to every returned score
-  (module docstring). `search_threads` > 1 uses ScaNN's parallel batched search. Brute force keywords:
-  chunk_size (tokens per matmul) and query_batch (query vectors per call). `identity` (model / vocab / dim facts)
-  is stored in the manifest for compatibility checks at load time.
+  training_sample_size are clamped to T as the XTR notebook does. `reorder_k` > 0 rescores max(reorder_k,
+  ceil(reorder_factor x k)) AH candidates exactly against stored `reorder_dtype` copies of the embeddings ('float32':
+  4 bytes per dimension, 'int8': ScaNN's scalar quantization, 1 byte per dimension, or 'bfloat16') and returns the
+  best k of them. `paired_dims` (even, lut16 with 1 dim per block only) quantizes that many lowest-variance principal
+  directions two per 4-bit code in a rotated basis (module docstring; 0 = the notebook's code). `center` indexes the
+  embeddings minus their mean and adds query . mean back to every returned score (module docstring). `soar_lambda` > 0
+  spills each token into a second leaf chosen by SOAR (ScaNN's TWO_CENTER_ORTHOGONALITY_AMPLIFIED spilling, Sun et al.
+  2023) with that lambda; a search takes `overretrieve_factor` x k candidates and keeps the distinct tokens among
+  them, so 2 (the default) always leaves k (a token sits in at most two leaves) while less pads rows with missing
+  entries (1.0 lost 22% of them in a test). It buys token recall per leaf searched with a second set of AH codes
+  (about twice the bytes/token). `search_threads` > 1 uses ScaNN's parallel batched search. Brute force keywords:
+  chunk_size (tokens per matmul) and query_batch (query vectors per call). `identity` (model / vocab / dim facts) is
+  stored in the manifest for compatibility checks at load time.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -492,10 +527,11 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
         t, num_neighbors=num_neighbors, num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search,
         training_sample_size=training_sample_size, dimensions_per_block=dimensions_per_block,
         anisotropic_quantization_threshold=anisotropic_quantization_threshold, hash_type=hash_type,
-        reorder_k=reorder_k, spherical=spherical, training_threads=training_threads, paired_dims=paired_dims,
-        center=center, search_threads=search_threads)
+        reorder_k=reorder_k, reorder_dtype=reorder_dtype, reorder_factor=reorder_factor, spherical=spherical,
+        training_threads=training_threads, paired_dims=paired_dims, center=center, soar_lambda=soar_lambda,
+        overretrieve_factor=overretrieve_factor, search_threads=search_threads)
     searcher, rotation, mean = _build_scann(embeddings, **{k: v for k, v in params.items()
-                                                           if k != "search_threads"})
+                                                           if k not in ("search_threads", "reorder_factor")})
     idx = ScannIndex(searcher, num_tokens=t, dim=embeddings.shape[1], params=params, identity=identity,
                      rotation=rotation, center=mean)
   idx.build_seconds = time.perf_counter() - start
@@ -513,9 +549,12 @@ def build_settings_mismatch(backend: str, params: Mapping[str, Any], num_tokens:
   defaults = {name: p.default for name, p in inspect.signature(build_index).parameters.items()
               if p.kind is inspect.Parameter.KEYWORD_ONLY}
   configured = dict(defaults, **gin.get_bindings("xtr_build_index"))
-  want = _scann_params(int(num_tokens), **{k: configured[k] for k in inspect.signature(_scann_params).parameters
-                                           if k != "num_tokens"})
-  stored = {k: params.get(k, defaults[k]) for k in _SCANN_BUILD_KEYS}
+  def as_recorded(settings):
+    return _scann_params(int(num_tokens), **{k: settings[k] for k in inspect.signature(_scann_params).parameters
+                                             if k != "num_tokens"})
+  # (an index saved before reorder_dtype existed reordered in float32 when it reordered at all)
+  want, default = as_recorded(configured), as_recorded(dict(defaults, reorder_k=params.get("reorder_k", 0)))
+  stored = {k: params.get(k, default[k]) for k in _SCANN_BUILD_KEYS}
   return {k: (stored[k], want[k]) for k in _SCANN_BUILD_KEYS if stored[k] != want[k]}
 
 
