@@ -369,7 +369,7 @@ def _compact_scann_arrays(scann_dir: str) -> None:
   leaves_path = os.path.join(scann_dir, _LEAVES)
   if os.path.isfile(leaves_path):
     leaves = np.load(leaves_path, allow_pickle=False)
-    # With SOAR, ScaNN lists a primary and a secondary leaf per token, -1 where a token has no secondary one.
+    # With SOAR, ScaNN lists two leaf ids per token, some of them -1 (no leaf).
     offset = 1 if leaves.size and leaves.min() == -1 else 0
     if leaves.ndim == 1 and leaves.dtype == np.int32 and (leaves.size == 0 or leaves.min() >= -offset):
       packed, bits = pack_bits(leaves + offset)
@@ -418,9 +418,8 @@ def _load_scann_searcher(scann_dir: str):
 
 def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_search: int, training_sample_size: int,
                  dimensions_per_block: int, anisotropic_quantization_threshold: float, hash_type: str, reorder_k: int,
-                 reorder_dtype: str,
-                 spherical: bool, paired_dims: int, center: bool, soar_lambda: float, overretrieve_factor: float,
-                 num_neighbors: int, training_threads: int):
+                 reorder_dtype: str, spherical: bool, paired_dims: int, center: bool, soar_lambda: float,
+                 overretrieve_factor: float, num_neighbors: int, training_threads: int):
   """-> (ScaNN searcher, float32 [D, D] rotation or None, float32 [D] mean or None); sizes already clamped to T."""
   import scann  # pylint: disable=g-import-not-at-top
   t = embeddings.shape[0]
@@ -440,9 +439,9 @@ def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_searc
   soar = {"soar_lambda": soar_lambda, "overretrieve_factor": overretrieve_factor} if soar_lambda else {}
   builder = scann.scann_ops_pybind.builder(db, num_neighbors, "dot_product").tree(
       num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search, training_sample_size=training_sample_size,
-      spherical=spherical, **soar).score_ah(dimensions_per_block,
-                                    anisotropic_quantization_threshold=anisotropic_quantization_threshold,
-                                    hash_type=hash_type)
+      spherical=spherical, **soar).score_ah(
+          dimensions_per_block, anisotropic_quantization_threshold=anisotropic_quantization_threshold,
+          hash_type=hash_type)
   if reorder_k:
     from scann.scann_ops.py import scann_builder  # pylint: disable=g-import-not-at-top
     builder = builder.reorder(reorder_k, quantize=getattr(scann_builder.ReorderType, reorder_dtype.upper()))
@@ -456,8 +455,7 @@ def _build_scann(embeddings: np.ndarray, *, num_leaves: int, num_leaves_to_searc
 
 def _scann_params(num_tokens: int, *, num_neighbors, num_leaves, num_leaves_to_search, training_sample_size,
                   dimensions_per_block, anisotropic_quantization_threshold, hash_type, reorder_k, reorder_dtype,
-                  reorder_factor, spherical,
-                  training_threads, paired_dims, center, soar_lambda, overretrieve_factor,
+                  reorder_factor, spherical, training_threads, paired_dims, center, soar_lambda, overretrieve_factor,
                   search_threads) -> dict[str, Any]:
   """The parameters a ScaNN index over `num_tokens` tokens records: typed, sizes clamped to the corpus."""
   leaves = min(int(num_leaves), num_tokens)
@@ -549,6 +547,7 @@ def build_settings_mismatch(backend: str, params: Mapping[str, Any], num_tokens:
   defaults = {name: p.default for name, p in inspect.signature(build_index).parameters.items()
               if p.kind is inspect.Parameter.KEYWORD_ONLY}
   configured = dict(defaults, **gin.get_bindings("xtr_build_index"))
+
   def as_recorded(settings):
     return _scann_params(int(num_tokens), **{k: settings[k] for k in inspect.signature(_scann_params).parameters
                                              if k != "num_tokens"})
