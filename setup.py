@@ -42,6 +42,7 @@ INSTALL_REQUIRES = [
     "bm25s>=0.2,<0.4",
     "tensorboard",  # TensorBoard event files, written by process 0 of training
     "matplotlib",  # k' sweep plots of the evaluation
+    "scipy>=1.11",  # paired t-tests in xtr_jax.report (already required by jax and pytrec-eval-terrier)
 ]
 
 EXTRAS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from xtr_jax import report
@@ -68,3 +69,44 @@ def test_cli(tmp_path):
   text = report.main([f"--gin.xtr_report.evals=[('m', '{a}')]", f"--gin.xtr_report.output='{tmp_path / 'o.md'}'"])
   assert "| m | scifact | 72.0 (k'=100) | k'=100 | 70.0 (-2.0) |" in text.splitlines()
   assert (tmp_path / "o.md").is_file()
+
+
+def _write_per_query(root, dataset, system, values):
+  os.makedirs(root / dataset / "per_query", exist_ok=True)
+  lines = ["query_id\tnDCG@10\tRecall@100"] + [f"{q}\t{v:.6f}\t1.000000" for q, v in values.items()]
+  (root / dataset / "per_query" / f"{system}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_paired_table_against_a_baseline(tmp_path):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  qids = [str(q) for q in rng.permutation(40)]
+  base = {q: float(v) for q, v in zip(qids, rng.uniform(0, 1, 40))}
+  trained = {q: min(1.0, v + float(d)) for (q, v), d in zip(base.items(), rng.normal(0.05, 0.1, 40))}
+  a = _write_eval(tmp_path / "a", {"scifact": {"xtr-kth-k100": 0.5, "colbert-k100": 0.5, "bm25": 0.4}})
+  b = _write_eval(tmp_path / "b", {"scifact": {"xtr-kth-k100": 0.55, "exact-kth-k100": 0.56, "bm25": 0.4}})
+  _write_per_query(tmp_path / "a", "scifact", "xtr-kth-k100", base)
+  _write_per_query(tmp_path / "b", "scifact", "xtr-kth-k100", dict(reversed(list(trained.items()))))  # any order
+  text = report.report(evals=[("untrained", a), ("trained", b)], baseline="untrained")
+  section = text.split("## Against untrained, query by query")[1].split("Evaluations:")[0]
+  rows = [line for line in section.splitlines() if line.startswith("| trained")]
+  # Only the system both evaluated (not colbert-k100, exact-kth-k100 or BM25), queries matched by id.
+  assert len(rows) == 1 and "XTR scoring, k'=100" in rows[0]
+  diff = np.array([trained[q] - base[q] for q in qids])
+  t = diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff)))
+  p = 2 * stats.t.sf(abs(t), df=len(diff) - 1)
+  cells = [c.strip() for c in rows[0].strip("|").split("|")]
+  assert cells[3] == f"{100 * diff.mean():+.2f}" and cells[4] == f"{p:.3f}" and cells[5] == "40"
+  assert p < 0.05  # a real effect of +5 points over 40 queries
+  with pytest.raises(ValueError, match="baseline 'nobody' is not one of the labels"):
+    report.report(evals=[("untrained", a), ("trained", b)], baseline="nobody")
+  _write_per_query(tmp_path / "b", "scifact", "xtr-kth-k100", dict(list(trained.items())[:-1]))
+  with pytest.raises(ValueError, match="evaluated on different queries"):
+    report.report(evals=[("untrained", a), ("trained", b)], baseline="untrained")
+  path = tmp_path / "b" / "scifact" / "per_query" / "xtr-kth-k100.tsv"
+  path.write_text("query_id\tnDCG@10\n1\tNaN?\n")
+  with pytest.raises(ValueError, match=r"xtr-kth-k100.tsv:2: field 'nDCG@10': expected a number"):
+    report.report(evals=[("untrained", a), ("trained", b)], baseline="untrained")
+  path.unlink()
+  with pytest.raises(FileNotFoundError, match="needs the evaluation's per-query file"):
+    report.report(evals=[("untrained", a), ("trained", b)], baseline="untrained")

@@ -10,6 +10,8 @@ Three tables, every number read from the evaluations' `<dataset>/metrics.json` (
   2. XTR scoring vs full ColBERT rescoring: nDCG@10 of XTR (k'-th-score imputation) at each k' minus the ColBERT
      pipeline's at the largest k' evaluated (the paper's "does XTR lose anything by scoring only retrieved tokens").
   3. token analyses (evaluations run with --analysis): gold-token and lexical-token ratios per k'.
+  4. with `baseline` (one of the labels): every other model against it query by query, for each dataset and system
+     both evaluated: mean nDCG@10 difference and the paired t-test's p (scipy), from `<dataset>/per_query/*.tsv`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import gin
+import numpy as np
 
 from xtr_jax import gin_utils
 
@@ -132,14 +135,66 @@ def analysis_table(evals: Sequence[tuple[str, Mapping[str, dict]]]) -> str:
                  "token recall vs exact"], rows)
 
 
+def read_per_query(eval_dir: str, dataset: str, system: str, metric: str = "nDCG@10") -> dict[str, float]:
+  """{query id: `metric`} from `<eval_dir>/<dataset>/per_query/<system>.tsv` (written by `xtr_jax.eval`)."""
+  path = os.path.join(eval_dir, dataset, "per_query", f"{system}.tsv")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: the paired comparison needs the evaluation's per-query file")
+  with open(path, encoding="utf-8") as f:
+    header = f.readline().rstrip("\n").split("\t")
+    if header[:1] != ["query_id"] or metric not in header:
+      raise ValueError(f"{path}:1: expected a header 'query_id<TAB>...' with column {metric!r}, got {header}")
+    col = header.index(metric)
+    out = {}
+    for lineno, line in enumerate(f, start=2):
+      fields = line.rstrip("\n").split("\t")
+      if len(fields) != len(header):
+        raise ValueError(f"{path}:{lineno}: expected {len(header)} fields, got {len(fields)}")
+      try:
+        out[fields[0]] = float(fields[col])
+      except ValueError as e:
+        raise ValueError(f"{path}:{lineno}: field {metric!r}: expected a number, got {fields[col]!r}") from e
+  return out
+
+
+def paired_table(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline: str,
+                 metric: str = "nDCG@10") -> str:
+  """Table 4: each model minus `baseline`, query by query, per dataset and system evaluated by both: mean difference
+  (x100), paired t-test p (two-sided), number of queries. `evals` holds (label, eval dir, loaded metrics)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  by_label = {label: (path, loaded) for label, path, loaded in evals}
+  if baseline not in by_label:
+    raise ValueError(f"xtr_report.baseline {baseline!r} is not one of the labels {list(by_label)}")
+  base_dir, base = by_label[baseline]
+  rows = []
+  for label, path, loaded in evals:
+    if label == baseline:
+      continue
+    for d, res in loaded.items():
+      shared = sorted((set(res["systems"]) & set(base.get(d, {}).get("systems", {}))) - {"bm25"}, key=_system_key)
+      for system in shared:
+        x, y = read_per_query(path, d, system, metric), read_per_query(base_dir, d, system, metric)
+        if set(x) != set(y):
+          raise ValueError(f"{d}/{system}: {label!r} and {baseline!r} were evaluated on different queries "
+                           f"({len(set(x) ^ set(y))} not in both)")
+        a = np.array([x[q] for q in sorted(x)])
+        b = np.array([y[q] for q in sorted(x)])
+        p = float(stats.ttest_rel(a, b).pvalue) if np.any(a != b) else 1.0
+        rows.append([label, d, _describe(system), f"{100 * (a - b).mean():+.2f}", f"{p:.3f}", str(len(a))])
+  return _table(["model", "dataset", "system", f"{metric} minus {baseline} (x100)", "paired t-test p", "queries"],
+                rows)
+
+
 @gin.configurable("xtr_report")
 def report(*, evals: Sequence[tuple[str, str]] | Mapping[str, str] = gin.REQUIRED,
-           metrics: Sequence[str] = ("nDCG@10", "Recall@100"), output: str | None = None) -> str:
+           metrics: Sequence[str] = ("nDCG@10", "Recall@100"), baseline: str | None = None,
+           output: str | None = None) -> str:
   """Writes (to `output`, if given) and returns the Markdown tables comparing the evaluations `evals`.
 
   Args:
     evals: [(label, eval output dir), ...] (or a {label: dir} mapping), in table order.
     metrics: metric names as written by `xtr_jax.eval` (columns of table 1).
+    baseline: a label of `evals`: adds table 4, every other model against it query by query.
     output: Markdown file to write.
   """
   pairs = list(evals.items()) if isinstance(evals, Mapping) else [tuple(p) for p in evals]
@@ -150,7 +205,11 @@ def report(*, evals: Sequence[tuple[str, str]] | Mapping[str, str] = gin.REQUIRE
   sources = "\n".join(f"- {label}: `{path}`" for label, path in pairs)
   text = (f"## Retrieval quality (x100)\n\n{metrics_table(loaded, metrics)}\n\n"
           f"## XTR scoring vs full ColBERT rescoring\n\n{xtr_vs_colbert(loaded)}\n\n"
-          f"## Token analyses\n\n{analysis_table(loaded)}\n\nEvaluations:\n{sources}\n")
+          f"## Token analyses\n\n{analysis_table(loaded)}\n\n")
+  if baseline is not None:
+    text += (f"## Against {baseline}, query by query\n\n"
+             f"{paired_table([(label, path, l) for (label, path), (_, l) in zip(pairs, loaded)], baseline)}\n\n")
+  text += f"Evaluations:\n{sources}\n"
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
