@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 
+from xtr_jax import report
 from xtr_jax.data import overlap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,8 +263,7 @@ SYSTEMS = ("xtr-kth-k100", "xtr-kth-k1000", "colbert-k1000")
 
 
 def _per_query_ndcg(result: dict, system: str) -> dict[str, float]:
-  with open(os.path.join(result["per_query_dir"], f"{system}.tsv"), encoding="utf-8") as f:
-    return {r["query_id"]: float(r["nDCG@10"]) for r in csv.DictReader(f, delimiter="\t")}
+  return report.read_per_query_file(os.path.join(result["per_query_dir"], f"{system}.tsv"))
 
 
 def paired_tests(results: list[dict], baseline: str) -> list[list[str]]:

@@ -137,7 +137,11 @@ def analysis_table(evals: Sequence[tuple[str, Mapping[str, dict]]]) -> str:
 
 def read_per_query(eval_dir: str, dataset: str, system: str, metric: str = "nDCG@10") -> dict[str, float]:
   """{query id: `metric`} from `<eval_dir>/<dataset>/per_query/<system>.tsv` (written by `xtr_jax.eval`)."""
-  path = os.path.join(eval_dir, dataset, "per_query", f"{system}.tsv")
+  return read_per_query_file(os.path.join(eval_dir, dataset, "per_query", f"{system}.tsv"), metric)
+
+
+def read_per_query_file(path: str, metric: str = "nDCG@10") -> dict[str, float]:
+  """{query id: `metric`} from one per-query TSV (header `query_id<TAB><metric>...`); errors name file and line."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: the paired comparison needs the evaluation's per-query file")
   with open(path, encoding="utf-8") as f:
