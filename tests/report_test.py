@@ -86,6 +86,7 @@ def test_paired_table_against_a_baseline(tmp_path):
   a = _write_eval(tmp_path / "a", {"scifact": {"xtr-kth-k100": 0.5, "colbert-k100": 0.5, "bm25": 0.4}})
   b = _write_eval(tmp_path / "b", {"scifact": {"xtr-kth-k100": 0.55, "exact-kth-k100": 0.56, "bm25": 0.4}})
   _write_per_query(tmp_path / "a", "scifact", "xtr-kth-k100", base)
+  _write_per_query(tmp_path / "a", "scifact", "colbert-k100", base)  # table 5 reads it
   _write_per_query(tmp_path / "b", "scifact", "xtr-kth-k100", dict(reversed(list(trained.items()))))  # any order
   text = report.report(evals=[("untrained", a), ("trained", b)], baseline="untrained")
   section = text.split("## Against untrained, query by query")[1].split("Evaluations:")[0]
@@ -110,3 +111,48 @@ def test_paired_table_against_a_baseline(tmp_path):
   path.unlink()
   with pytest.raises(FileNotFoundError, match="needs the evaluation's per-query file"):
     report.report(evals=[("untrained", a), ("trained", b)], baseline="untrained")
+
+
+def test_gap_table_tests_xtr_minus_rescoring_per_model_and_against_the_baseline(tmp_path):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  qids = [f"q{i}" for i in range(60)]
+
+  def t_test_p(diff):  # independent of report's scipy call: the t statistic by hand, its two-sided tail by scipy
+    t = diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff)))
+    return 2 * stats.t.sf(abs(t), df=len(diff) - 1)
+
+  per_query = {}
+  for label, loss in (("colbert", 0.08), ("xtr", 0.0)):  # XTR at k'=100 vs rescoring: the ColBERT model loses 8
+    rescoring = rng.uniform(0.2, 1.0, len(qids))
+    per_query[label] = {"colbert-k1000": rescoring, "xtr-kth-k100": rescoring - loss + rng.normal(0, 0.1, len(qids)),
+                        "xtr-kth-k1000": rescoring + rng.normal(0, 0.05, len(qids))}
+    per_query[label] = {s: np.round(v, 6) for s, v in per_query[label].items()}  # as the files hold them
+    systems = {s: float(v.mean()) for s, v in per_query[label].items()}
+    # colbert-k100 is not the reference (k'=1000 is the largest) and exact search is not in this table
+    extra = {"colbert-k100": np.full(len(qids), 0.5), "exact-kth-k100": np.full(len(qids), 0.5)}
+    _write_eval(tmp_path / label, {"scifact": {**systems, "colbert-k100": 0.5, "exact-kth-k100": 0.5}})
+    for s, v in {**per_query[label], **extra}.items():
+      order = qids if label == "xtr" else qids[::-1]  # matched by query id, not by line
+      _write_per_query(tmp_path / label, "scifact", s, {q: float(v[qids.index(q)]) for q in order})
+  text = report.report(evals=[("colbert", str(tmp_path / "colbert")), ("xtr", str(tmp_path / "xtr"))],
+                       baseline="colbert")
+  section = text.split("## XTR scoring minus full rescoring, query by query")[1].split("Evaluations:")[0]
+  rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): [c.strip() for c in line.strip("|").split("|")]
+          for line in section.splitlines() if line.startswith("| colbert") or line.startswith("| xtr")}
+  assert set(rows) == {(m, "scifact", k) for m in ("colbert", "xtr") for k in ("100", "1000")}  # kth XTR only
+  gap = {m: {k: per_query[m][f"xtr-kth-k{k}"] - per_query[m]["colbert-k1000"] for k in (100, 1000)}
+         for m in per_query}
+  for (m, _, k), cells in rows.items():
+    g = gap[m][int(k)]
+    assert cells[3] == f"{100 * g.mean():+.2f}" and cells[4] == f"{t_test_p(g):.3f}" and cells[7] == "60"
+    if m == "colbert":
+      assert cells[5] == cells[6] == ""
+    else:
+      d = g - gap["colbert"][int(k)]
+      assert cells[5] == f"{100 * d.mean():+.2f}" and cells[6] == f"{t_test_p(d):.3f}"
+  assert float(rows[("xtr", "scifact", "100")][6]) < 0.01  # 8 points less loss over 60 queries is detected
+  _write_per_query(tmp_path / "xtr", "scifact", "xtr-kth-k100", {q: 0.5 for q in qids[1:]})
+  evals = [(m, str(tmp_path / m), report.read_eval_dir(str(tmp_path / m))) for m in ("colbert", "xtr")]
+  with pytest.raises(ValueError, match="xtr-kth-k100 and colbert-k1000 per-query files hold different queries"):
+    report.gap_table(evals, "colbert")  # (report() stops earlier, at table 4, for the same file)

@@ -4,7 +4,8 @@
       --gin.xtr_report.evals="[('untrained', '/tmp/untrained/eval'), ('XTR-trained', '/tmp/xtr/eval')]" \
       --gin.xtr_report.output="'/tmp/results.md'"
 
-Three tables, every number read from the evaluations' `<dataset>/metrics.json` (nothing is recomputed):
+Tables 1-3 read every number from the evaluations' `<dataset>/metrics.json` (nothing is recomputed); 4-5 test
+per-query differences from `<dataset>/per_query/*.tsv`:
   1. metrics: one row per (model, system), nDCG@10 and Recall@100 (x100) per dataset; BM25 once (it does not
      depend on the model).
   2. XTR scoring vs full ColBERT rescoring: nDCG@10 of XTR (k'-th-score imputation) at each k' minus the ColBERT
@@ -12,6 +13,9 @@ Three tables, every number read from the evaluations' `<dataset>/metrics.json` (
   3. token analyses (evaluations run with --analysis): gold-token and lexical-token ratios per k'.
   4. with `baseline` (one of the labels): every other model against it query by query, for each dataset and system
      both evaluated: mean nDCG@10 difference and the paired t-test's p (scipy), from `<dataset>/per_query/*.tsv`.
+  5. with `baseline`, also XTR scoring's loss against full rescoring query by query, per model and k': its mean and
+     p (is it a loss at all), and its difference from the baseline model's loss with p (does this model lose less:
+     the paper's XTR-trained vs ColBERT-trained claim, with the ColBERT-trained model as baseline).
 """
 
 from __future__ import annotations
@@ -165,7 +169,6 @@ def paired_table(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline:
                  metric: str = "nDCG@10") -> str:
   """Table 4: each model minus `baseline`, query by query, per dataset and system evaluated by both: mean difference
   (x100), paired t-test p (two-sided), number of queries. `evals` holds (label, eval dir, loaded metrics)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   by_label = {label: (path, loaded) for label, path, loaded in evals}
   if baseline not in by_label:
     raise ValueError(f"xtr_report.baseline {baseline!r} is not one of the labels {list(by_label)}")
@@ -183,10 +186,62 @@ def paired_table(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline:
                            f"({len(set(x) ^ set(y))} not in both)")
         a = np.array([x[q] for q in sorted(x)])
         b = np.array([y[q] for q in sorted(x)])
-        p = float(stats.ttest_rel(a, b).pvalue) if np.any(a != b) else 1.0
+        p = _paired_p(a, b)
         rows.append([label, d, _describe(system), f"{100 * (a - b).mean():+.2f}", f"{p:.3f}", str(len(a))])
   return _table(["model", "dataset", "system", f"{metric} minus {baseline} (x100)", "paired t-test p", "queries"],
                 rows)
+
+
+def _paired_p(a: np.ndarray, b: np.ndarray) -> float:
+  """Two-sided paired t-test p of a vs b (1.0 when they are equal everywhere: no test to run)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.ttest_rel(a, b).pvalue) if np.any(a != b) else 1.0
+
+
+def gap_table(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline: str, metric: str = "nDCG@10") -> str:
+  """Table 5: XTR scoring's loss against full rescoring, query by query (the paper's claim is about its size after
+  XTR training vs ColBERT training). Per (model, dataset, k'): per-query gap g = XTR (k'-th imputation) at k' minus
+  ColBERT rescoring at the model's largest k'; mean g (x100) and the paired t-test p of g != 0; then g minus the
+  baseline model's g for the same queries (x100) and its p. `evals` holds (label, eval dir, loaded metrics)."""
+  by_label = {label: (path, loaded) for label, path, loaded in evals}
+  if baseline not in by_label:
+    raise ValueError(f"xtr_report.baseline {baseline!r} is not one of the labels {list(by_label)}")
+
+  def gaps(path: str, res: Mapping[str, Any], d: str) -> dict[int, tuple[list[str], np.ndarray]]:
+    colbert = [int(m["k"]) for s in res["systems"] if (m := _SYSTEM.match(s)) and m["family"] == "colbert"]
+    xtr = sorted(int(m["k"]) for s in res["systems"]
+                 if (m := _SYSTEM.match(s)) and m["family"] == "xtr" and m["imp"] == "kth")
+    if not colbert or not xtr:
+      return {}
+    ref = read_per_query(path, d, f"colbert-k{max(colbert)}", metric)
+    out = {}
+    for k in xtr:
+      x = read_per_query(path, d, f"xtr-kth-k{k}", metric)
+      if set(x) != set(ref):
+        raise ValueError(f"{path}/{d}: xtr-kth-k{k} and colbert-k{max(colbert)} per-query files hold different "
+                         f"queries ({len(set(x) ^ set(ref))} not in both)")
+      qids = sorted(ref)
+      out[k] = (qids, np.array([x[q] - ref[q] for q in qids]))
+    return out
+
+  base_path, base_loaded = by_label[baseline]
+  base_gaps = {d: gaps(base_path, res, d) for d, res in base_loaded.items()}
+  rows = []
+  for label, path, loaded in evals:
+    for d, res in loaded.items():
+      for k, (qids, g) in gaps(path, res, d).items():
+        row = [label, d, str(k), f"{100 * g.mean():+.2f}", f"{_paired_p(g, np.zeros_like(g)):.3f}"]
+        if label != baseline and k in base_gaps.get(d, {}):
+          bq, bg = base_gaps[d][k]
+          if bq != qids:
+            raise ValueError(f"{d}: {label!r} and {baseline!r} were evaluated on different queries "
+                             f"({len(set(bq) ^ set(qids))} not in both)")
+          row += [f"{100 * (g - bg).mean():+.2f}", f"{_paired_p(g, bg):.3f}"]
+        else:
+          row += ["", ""]
+        rows.append(row + [str(len(g))])
+  return _table(["model", "dataset", "k'", f"XTR minus rescoring, {metric} (x100)", "p (≠ 0)",
+                 f"minus {baseline}'s (x100)", "p (paired)", "queries"], rows)
 
 
 @gin.configurable("xtr_report")
@@ -198,7 +253,8 @@ def report(*, evals: Sequence[tuple[str, str]] | Mapping[str, str] = gin.REQUIRE
   Args:
     evals: [(label, eval output dir), ...] (or a {label: dir} mapping), in table order.
     metrics: metric names as written by `xtr_jax.eval` (columns of table 1).
-    baseline: a label of `evals`: adds table 4, every other model against it query by query.
+    baseline: a label of `evals`: adds tables 4 and 5, every other model against it query by query (both need the
+      evaluations' per_query files).
     output: Markdown file to write.
   """
   pairs = list(evals.items()) if isinstance(evals, Mapping) else [tuple(p) for p in evals]
@@ -211,8 +267,9 @@ def report(*, evals: Sequence[tuple[str, str]] | Mapping[str, str] = gin.REQUIRE
           f"## XTR scoring vs full ColBERT rescoring\n\n{xtr_vs_colbert(loaded)}\n\n"
           f"## Token analyses\n\n{analysis_table(loaded)}\n\n")
   if baseline is not None:
-    text += (f"## Against {baseline}, query by query\n\n"
-             f"{paired_table([(label, path, l) for (label, path), (_, l) in zip(pairs, loaded)], baseline)}\n\n")
+    triples = [(label, path, l) for (label, path), (_, l) in zip(pairs, loaded)]
+    text += (f"## Against {baseline}, query by query\n\n{paired_table(triples, baseline)}\n\n"
+             f"## XTR scoring minus full rescoring, query by query\n\n{gap_table(triples, baseline)}\n\n")
   text += f"Evaluations:\n{sources}\n"
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
