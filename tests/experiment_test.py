@@ -61,7 +61,7 @@ def test_batch_256_pair_differs_only_in_the_loss_and_keeps_the_example_budget():
   assert changed == {"BATCH_SIZE": "256", "TRAIN_STEPS": "31", "WARMUP_STEPS": "3", "xtr_loss.k_train": "1024",
                      "LEARNING_RATE": "1e-05", "xtr_optimizer.lr_multipliers": "[('token_proj/.*', 100.0)]",
                      "XTRModel.score_special_tokens": "False", "BertEncoderConfig.scan_layers": "True",
-                     "BertEncoderConfig.remat": "True"}, changed
+                     "BertEncoderConfig.remat": "True", "scifact/xtr_beir_bm25_source.rate": "2.0"}, changed
 
 
 def test_package_path_finds_minilm_and_names_missing_things():
