@@ -106,22 +106,33 @@ def metrics_table(evals: Sequence[tuple[str, Mapping[str, dict]]], metrics: Sequ
   return _table(header, rows)
 
 
+def _k_primes(systems: Mapping[str, Any], family: str) -> list[int]:
+  """Sorted k' of the systems evaluated in `family`: 'colbert' (rescoring) or 'xtr' (k'-th-score imputation only)."""
+  return sorted(int(m["k"]) for s in systems if (m := _SYSTEM.match(s)) and m["family"] == family
+                and (family != "xtr" or m["imp"] == "kth"))
+
+
+def _with_baseline(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline: str) -> tuple[str, Mapping]:
+  """(eval dir, loaded metrics) of the `baseline` label; a clear error when it is not one of the labels."""
+  by_label = {label: (path, loaded) for label, path, loaded in evals}
+  if baseline not in by_label:
+    raise ValueError(f"xtr_report.baseline {baseline!r} is not one of the labels {list(by_label)}")
+  return by_label[baseline]
+
+
 def xtr_vs_colbert(evals: Sequence[tuple[str, Mapping[str, dict]]], metric: str = "nDCG@10") -> str:
   """Table 2: XTR (kth imputation) at each k' minus ColBERT rescoring at the largest k', in `metric` points."""
   rows = []
   for label, per_dataset in evals:
     for d, res in per_dataset.items():
-      colbert = {int(m["k"]): v["metrics"][metric] for s, v in res["systems"].items()
-                 if (m := _SYSTEM.match(s)) and m["family"] == "colbert"}
-      xtr = {int(m["k"]): v["metrics"][metric] for s, v in res["systems"].items()
-             if (m := _SYSTEM.match(s)) and m["family"] == "xtr" and m["imp"] == "kth"}
+      colbert, xtr = _k_primes(res["systems"], "colbert"), _k_primes(res["systems"], "xtr")
       if not colbert or not xtr:
         continue
-      kc = max(colbert)
-      ref = colbert[kc]
-      cells = [f"{100 * xtr[k]:.1f} ({100 * (xtr[k] - ref):+.1f})" for k in sorted(xtr)]
-      rows.append([label, d, f"{100 * ref:.1f} (k'={kc})", ", ".join(f"k'={k}" for k in sorted(xtr)),
-                   " / ".join(cells)])
+      kc = colbert[-1]
+      ref = res["systems"][f"colbert-k{kc}"]["metrics"][metric]
+      value = {k: res["systems"][f"xtr-kth-k{k}"]["metrics"][metric] for k in xtr}
+      cells = [f"{100 * value[k]:.1f} ({100 * (value[k] - ref):+.1f})" for k in xtr]
+      rows.append([label, d, f"{100 * ref:.1f} (k'={kc})", ", ".join(f"k'={k}" for k in xtr), " / ".join(cells)])
   return _table(["model", "dataset", f"ColBERT rescoring {metric}", "XTR at", f"XTR {metric} (Δ vs ColBERT)"], rows)
 
 
@@ -169,10 +180,7 @@ def paired_table(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline:
                  metric: str = "nDCG@10") -> str:
   """Table 4: each model minus `baseline`, query by query, per dataset and system evaluated by both: mean difference
   (x100), paired t-test p (two-sided), number of queries. `evals` holds (label, eval dir, loaded metrics)."""
-  by_label = {label: (path, loaded) for label, path, loaded in evals}
-  if baseline not in by_label:
-    raise ValueError(f"xtr_report.baseline {baseline!r} is not one of the labels {list(by_label)}")
-  base_dir, base = by_label[baseline]
+  base_dir, base = _with_baseline(evals, baseline)
   rows = []
   for label, path, loaded in evals:
     if label == baseline:
@@ -203,28 +211,23 @@ def gap_table(evals: Sequence[tuple[str, str, Mapping[str, dict]]], baseline: st
   XTR training vs ColBERT training). Per (model, dataset, k'): per-query gap g = XTR (k'-th imputation) at k' minus
   ColBERT rescoring at the model's largest k'; mean g (x100) and the paired t-test p of g != 0; then g minus the
   baseline model's g for the same queries (x100) and its p. `evals` holds (label, eval dir, loaded metrics)."""
-  by_label = {label: (path, loaded) for label, path, loaded in evals}
-  if baseline not in by_label:
-    raise ValueError(f"xtr_report.baseline {baseline!r} is not one of the labels {list(by_label)}")
+  base_path, base_loaded = _with_baseline(evals, baseline)
 
   def gaps(path: str, res: Mapping[str, Any], d: str) -> dict[int, tuple[list[str], np.ndarray]]:
-    colbert = [int(m["k"]) for s in res["systems"] if (m := _SYSTEM.match(s)) and m["family"] == "colbert"]
-    xtr = sorted(int(m["k"]) for s in res["systems"]
-                 if (m := _SYSTEM.match(s)) and m["family"] == "xtr" and m["imp"] == "kth")
+    colbert, xtr = _k_primes(res["systems"], "colbert"), _k_primes(res["systems"], "xtr")
     if not colbert or not xtr:
       return {}
-    ref = read_per_query(path, d, f"colbert-k{max(colbert)}", metric)
+    ref = read_per_query(path, d, f"colbert-k{colbert[-1]}", metric)
     out = {}
     for k in xtr:
       x = read_per_query(path, d, f"xtr-kth-k{k}", metric)
       if set(x) != set(ref):
-        raise ValueError(f"{path}/{d}: xtr-kth-k{k} and colbert-k{max(colbert)} per-query files hold different "
+        raise ValueError(f"{path}/{d}: xtr-kth-k{k} and colbert-k{colbert[-1]} per-query files hold different "
                          f"queries ({len(set(x) ^ set(ref))} not in both)")
       qids = sorted(ref)
       out[k] = (qids, np.array([x[q] - ref[q] for q in qids]))
     return out
 
-  base_path, base_loaded = by_label[baseline]
   base_gaps = {d: gaps(base_path, res, d) for d, res in base_loaded.items()}
   rows = []
   for label, path, loaded in evals:
