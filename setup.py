@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "protobuf>=6.31.1,<8",
     "sentencepiece==0.2.3",
     "scann==1.4.2",
+    "faiss-cpu==1.15.1",  # the faiss token-index backend (IVF + 4-bit PQ fast-scan); imported only when used
     "tensorflow==2.20.0",
     "tensorflow-text==2.20.1",
     "seqio==0.0.20",

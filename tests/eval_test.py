@@ -221,7 +221,7 @@ def test_leaves_to_search_is_a_search_time_setting(tmp_path, scifact_subset, mod
   assert recall_few < recall_all - 0.2, (recall_all, recall_few)
   # the exact search does not depend on it
   assert few["systems"]["exact-kth-k8"]["metrics"] == full["systems"]["exact-kth-k8"]["metrics"]
-  with pytest.raises(ValueError, match="leaves_to_search=2: needs index_backend='scann'"):
+  with pytest.raises(ValueError, match="leaves_to_search=2: needs index_backend 'scann' or 'faiss'"):
     _cli(model_dir, scifact_subset, tmp_path / "bf", *common, "--gin.xtr_eval.leaves_to_search=2",
          "--gin.xtr_eval.index_backend='bruteforce'")
   assert not (tmp_path / "bf").exists()
@@ -235,6 +235,27 @@ def test_leaves_to_search_is_a_search_time_setting(tmp_path, scifact_subset, mod
   assert centered["index"]["reused"] is True and centered["index"]["export_s"] == 0.0  # the export is kept
   assert centered["index"]["params"]["center"] is True and centered["index"]["index_build_s"] > 0
   assert centered["systems"]["exact-kth-k8"]["metrics"] == full["systems"]["exact-kth-k8"]["metrics"]
+
+
+def test_faiss_index_backend(tmp_path, scifact_subset, model_dir):
+  """The FAISS backend end to end: built, recorded, reused with fewer lists probed, a changed setting refused."""
+  index_root = tmp_path / "faiss_index"
+  common = ("--gin.xtr_eval.bm25=False", "--gin.xtr_eval.token_top_k=8", f"--gin.xtr_eval.index_root='{index_root}'",
+            "--gin.xtr_eval.max_queries=10", "--gin.xtr_eval.scoring=['xtr', 'exact']", "--analysis",
+            "--gin.xtr_eval.index_backend='faiss'")
+  full = _cli(model_dir, scifact_subset, tmp_path / "all", *common)["datasets"][0]
+  assert full["index"]["backend"] == "faiss" and full["index"]["params"]["num_leaves"] == 40
+  few = _cli(model_dir, scifact_subset, tmp_path / "few", *common, "--gin.xtr_eval.leaves_to_search=1")["datasets"][0]
+  assert few["index"]["reused"] is True and (full["leaves_to_search"], few["leaves_to_search"]) == (40, 1)
+  recall_all, recall_few = (r["analysis"]["8"]["token_recall_vs_exact"] for r in (full, few))
+  # (4-bit PQ codes of a random tiny model: near-ties, so all 40 lists find ~0.6 of the exact tokens)
+  assert recall_few < recall_all - 0.1, (recall_all, recall_few)
+  assert few["systems"]["exact-kth-k8"]["metrics"] == full["systems"]["exact-kth-k8"]["metrics"]
+  with pytest.raises(ValueError, match=r"built with other settings \(reorder_k: index 0, configured 1, "
+                                       r"reorder_dtype: index 'none', configured 'int8'"):
+    _cli(model_dir, scifact_subset, tmp_path / "refined", *common, "--gin.xtr_build_index.reorder_k=1",
+         "--gin.xtr_build_index.reorder_dtype='int8'")
+  assert not (tmp_path / "refined").exists()
 
 
 def test_self_hits_dropped(tmp_path, model_dir):

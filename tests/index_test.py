@@ -1,4 +1,4 @@
-"""xtr_jax.index: exact brute force, ScaNN recall against it, save -> load, bad inputs."""
+"""xtr_jax.index: exact brute force, ScaNN and FAISS recall against it, save -> load, bad inputs."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_scann_recall_and_notebook_defaults(data):
   assert small.params["anisotropic_quantization_threshold"] == 0.1 and small.params["reorder_k"] == 0
 
 
-@pytest.mark.parametrize("backend", ["bruteforce", "scann"])
+@pytest.mark.parametrize("backend", ["bruteforce", "scann", "faiss"])
 def test_save_load_identical_and_corruption_refused(data, tmp_path, backend):
   x, q = data
   ident = {"model_sha256": "abc", "token_dim": 32}
@@ -98,8 +98,10 @@ def test_bad_inputs(data):
     idx.search(q[:, :16], 5)
   with pytest.raises(ValueError, match="empty corpus"):
     index.build_index(np.zeros((0, 32), np.float32), backend="bruteforce")
-  with pytest.raises(ValueError, match="backend"):
-    index.build_index(x, backend="faiss")
+  with pytest.raises(ValueError, match="backend must be one of"):
+    index.build_index(x, backend="annoy")
+  with pytest.raises(ValueError, match="needs a partitioned index"):
+    idx.search_with(q, 5, leaves_to_search=3)
   with pytest.raises(ValueError, match="float16 or float32"):
     index.build_index(x.astype(np.float64), backend="bruteforce")
   with pytest.raises(ValueError, match="k must be"):
@@ -365,7 +367,16 @@ def test_build_settings_mismatch_names_each_differing_setting(data):
     del idx.params["reorder_dtype"]  # saved before the setting existed: float32 was the only reordering
     assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
     gin.parse_config(["xtr_build_index.reorder_dtype = 'int8'", "xtr_build_index.reorder_factor = 3.0"])
-    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60), "reorder_dtype": ("float32", "int8")}
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60), "reorder_dtype": ("float32", "int8"),
+                          "reorder_factor": (1.0, 3.0)}
+    idx.params["reorder_factor"] = 3.0
+    gin.parse_config(["xtr_build_index.reorder_k = 0", "xtr_build_index.reorder_factor = 1.0"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60), "reorder_k": (100, 0),
+                          "reorder_dtype": ("float32", "none"), "reorder_factor": (3.0, 1.0)}
+    idx.params["reorder_k"] = 0  # the factor counts only with reordering (an old index recorded it anyway)
+    gin.parse_config(["xtr_build_index.reorder_factor = 2.0"])
+    assert mismatch() == {"center": (False, True), "num_leaves": (50, 60)}
+    gin.parse_config(["xtr_build_index.reorder_factor = 1.0"])
     gin.parse_config(["xtr_build_index.reorder_k = 0", "xtr_build_index.reorder_dtype = 'float32'"])
     idx.params["reorder_k"] = 0
     # Sizes are compared as clamped to the corpus, as built: 250,000 sampled of 3,000 tokens is all 3,000.
@@ -377,5 +388,100 @@ def test_build_settings_mismatch_names_each_differing_setting(data):
                       "xtr_build_index.num_neighbors = 7"])
     assert mismatch() == {}
     assert index.build_settings_mismatch("bruteforce", {}, len(x)) == {}
+  finally:
+    gin.clear_config()
+
+
+def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path):
+  x, q = data
+  exact = index.build_index(x, backend="bruteforce")
+  recall = lambda got, want: np.mean([len(set(a) & set(b)) / want.shape[1] for a, b in zip(got, want)])  # noqa
+  sims = q @ x.T
+  err = lambda s, i: np.abs(s - np.take_along_axis(sims, i, 1)).max()  # noqa: E731
+  kw = dict(num_leaves=200, num_leaves_to_search=40, training_sample_size=5000)
+  plain = index.build_index(x, backend="faiss", **kw)
+  assert plain.params == {"num_leaves": 200, "num_leaves_to_search": 40, "training_sample_size": 5000,
+                          "dimensions_per_block": 1, "hash_type": "lut16", "reorder_k": 0, "reorder_dtype": "none",
+                          "reorder_factor": 1.0, "training_threads": 0, "search_threads": 1}
+  s, i = plain.search(q, 100)
+  assert recall(i, exact.search(q, 100)[1]) >= 0.9
+  assert 0.01 < err(s, i) < 0.2  # 4-bit PQ scores: approximate, not garbage
+  assert np.all(np.diff(s, axis=1) <= 1e-6)
+  # Probing fewer inverted lists (a search-time setting) finds fewer of the true neighbours.
+  assert recall(plain.search_with(q, 100, leaves_to_search=1)[1], exact.search(q, 100)[1]) < 0.8
+  # Refinement rescores the PQ candidates against stored copies: the returned scores are those copies' products.
+  for dtype, tol in (("int8", 0.01), ("float16", 1e-3), ("bfloat16", 0.01), ("float32", 1e-5)):
+    idx = index.build_index(x, backend="faiss", reorder_k=300, reorder_dtype=dtype, reorder_factor=2.0, **kw)
+    s, i = idx.search(q, 10)
+    assert err(s, i) < tol, (dtype, err(s, i))
+    # at small k the 4-bit PQ mis-orders near-ties; refining 300 candidates restores recall
+    assert recall(i, exact.search(q, 10)[1]) >= 0.9, dtype
+  # How many PQ candidates are refined: max(reorder_k, ceil(reorder_factor x k)), as for ScaNN.
+  calls = []
+
+  class Recorder:
+    def __init__(self, inner):
+      self.inner, self.ntotal, self.d = inner, inner.ntotal, inner.d
+
+    def search(self, queries, k, params):
+      calls.append(int(k * params.k_factor))
+      return self.inner.search(queries, k, params=params)
+
+  idx.index = Recorder(idx.index)
+  idx.params["reorder_k"] = 1
+  idx.search(q, 100)
+  idx.params["reorder_k"] = 500
+  idx.search(q, 100)
+  idx.params.update(reorder_k=1, reorder_factor=1.5)
+  idx.search(q, 7)
+  assert calls == [200, 500, 11]
+  # FAISS seeds its k-means: the same settings over the same tokens build the same index.
+  again = index.build_index(x, backend="faiss", **kw)
+  np.testing.assert_array_equal(again.search(q, 100)[1], plain.search(q, 100)[1])
+  # 8-bit PQ (lut256) with 2 dims per code; the saved file round-trips.
+  pq8 = index.build_index(x, backend="faiss", hash_type="lut256", dimensions_per_block=2, **kw)
+  s, i = pq8.search(q, 100)
+  assert recall(i, exact.search(q, 100)[1]) >= 0.9
+  pq8.save(str(tmp_path / "pq8"))
+  back = index.load_index(str(tmp_path / "pq8"))
+  assert back.backend == "faiss" and back.params == pq8.params
+  np.testing.assert_array_equal(back.search(q, 100)[1], i)
+  # Lists holding fewer than k tokens: padded with -1 / -inf, like the other backends.
+  tiny = index.build_index(x[:30], backend="faiss", num_leaves=4, num_leaves_to_search=4)
+  s, i = tiny.search(q[:3], 50)
+  assert np.all(i[:, 30:] == -1) and np.all(np.isneginf(s[:, 30:])) and sorted(i[0, :30]) == list(range(30))
+  s, i = tiny.search_with(q[:3], 50, leaves_to_search=1)
+  assert np.all((i >= 0) == np.isfinite(s)) and (i < 0).any()
+  with pytest.raises(ValueError, match=r"\{'paired_dims': 16\} are ScaNN settings"):
+    index.build_index(x, backend="faiss", paired_dims=16, **kw)
+  with pytest.raises(ValueError, match="dimensions_per_block must divide the embedding dimension 32"):
+    index.build_index(x, backend="faiss", dimensions_per_block=3, **kw)
+  with pytest.raises(ValueError, match="training_sample_size=100 is smaller than num_leaves=200"):
+    index.build_index(x, backend="faiss", num_leaves=200, training_sample_size=100)
+  with pytest.raises(ValueError, match="reorder_dtype must be one of"):
+    index.build_index(x, backend="faiss", reorder_k=1, reorder_dtype="float8", **kw)
+  with pytest.raises(ValueError, match="hash_type must be one of"):
+    index.build_index(x, backend="faiss", hash_type="lut64", **kw)
+
+
+def test_faiss_build_settings_mismatch(data):
+  x = data[0][:3000]
+  try:
+    gin.parse_config(["xtr_build_index.backend = 'faiss'", "xtr_build_index.num_leaves = 50",
+                      "xtr_build_index.num_leaves_to_search = 10"])
+    idx = index.build_index(x)
+    assert idx.backend == "faiss"
+    mismatch = lambda: index.build_settings_mismatch(idx.backend, idx.params, idx.num_tokens, idx.dim)  # noqa
+    assert mismatch() == {}
+    gin.parse_config(["xtr_build_index.num_leaves_to_search = 12", "xtr_build_index.reorder_k = 1",
+                      "xtr_build_index.reorder_dtype = 'int8'", "xtr_build_index.reorder_factor = 2.0"])
+    assert mismatch() == {"num_leaves_to_search": (10, 12), "reorder_k": (0, 1), "reorder_dtype": ("none", "int8"),
+                          "reorder_factor": (1.0, 2.0)}
+    # ScaNN-only settings are no part of a FAISS index; threads never count.
+    gin.parse_config(["xtr_build_index.num_leaves_to_search = 10", "xtr_build_index.reorder_k = 0",
+                      "xtr_build_index.search_threads = 2", "xtr_build_index.anisotropic_quantization_threshold = 0.2"])
+    assert mismatch() == {}
+    with pytest.raises(ValueError, match="needs the index's dim"):
+      index.build_settings_mismatch(idx.backend, idx.params, idx.num_tokens)
   finally:
     gin.clear_config()

@@ -203,7 +203,7 @@ def ensure_token_store(encoder, dataset_root: str, store_dir: str, corpus_ids: S
       raise ValueError(f"token index {idx_dir!r} is a {token_index.backend} index but index_backend="
                        f"{index_backend!r} was asked; delete it or use another index_root")
     what = _index_settings_mismatch(idx_dir, token_index.backend, token_index.params, token_index.num_tokens,
-                                    rebuild=rebuild)
+                                    token_index.dim, rebuild=rebuild)
     if what:
       logging.warning("rebuilding the token index in %s: %s", idx_dir, what)
       shutil.rmtree(idx_dir)
@@ -218,11 +218,11 @@ def ensure_token_store(encoder, dataset_root: str, store_dir: str, corpus_ids: S
   return store, token_index, info
 
 
-def _index_settings_mismatch(idx_dir: str, backend: str, params: Mapping[str, Any], num_tokens: int, *,
+def _index_settings_mismatch(idx_dir: str, backend: str, params: Mapping[str, Any], num_tokens: int, dim: int, *,
                              rebuild: bool) -> str:
   """An index built with other `xtr_build_index` settings than the configured ones is never used silently: raises
   ValueError naming each differing setting, or (rebuild) returns them as text ('' when none differ)."""
-  mismatch = index_lib.build_settings_mismatch(backend, params, num_tokens)
+  mismatch = index_lib.build_settings_mismatch(backend, params, num_tokens, dim)
   what = ", ".join(f"{k}: index {have!r}, configured {want!r}" for k, (have, want) in mismatch.items())
   if what and not rebuild:
     raise ValueError(f"token index {idx_dir!r} was built with other settings ({what}); refusing to use it. Set "
@@ -265,13 +265,11 @@ def retrieve_tokens(token_index, q: np.ndarray, q_mask: np.ndarray, token_doc: n
                     batch_size: int, desc: str = "token retrieval", leaves_to_search: int | None = None
                     ) -> Retrieved:
   """k' nearest document tokens of every valid query token (q f32 [Nq, n, D], q_mask bool [Nq, n]); a ScaNN index
-  searches `leaves_to_search` leaves instead of its built-in number when given."""
+  searches `leaves_to_search` leaves (FAISS: inverted lists) instead of its built-in number when given."""
   if leaves_to_search is None:
     search = token_index.search
-  elif hasattr(token_index, "search_with"):
+  else:  # (a brute-force index refuses it)
     search = lambda x, k: token_index.search_with(x, k, leaves_to_search=leaves_to_search)
-  else:
-    raise ValueError(f"leaves_to_search={leaves_to_search} needs a ScaNN index, not a {token_index.backend} one")
   nq, n, _ = q.shape
   scores = np.zeros((nq, n, k_prime), np.float32)
   tokens = np.full((nq, n, k_prime), -1, np.int32)
@@ -601,15 +599,16 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
     bm25: also evaluate a bm25s baseline.
     index_root: where exported token stores + indexes live, one subdirectory per dataset (default
       OUTPUT_DIR/index, kept across --overwrite and reused when it matches model and corpus).
-    index_backend: "scann" (paper setting) or "bruteforce"; ScaNN parameters come from gin `xtr_build_index.*`.
+    index_backend: "scann" (paper setting), "faiss" (IVF + PQ fast-scan, `faiss_index`) or "bruteforce"; index
+      parameters come from gin `xtr_build_index.*`.
     rebuild_index: re-export an index that belongs to another model / corpus, and rebuild a token index built with
       other `xtr_build_index` settings than the configured ones, instead of refusing them.
     max_queries: evaluate only the first N judged queries (smoke runs).
     score_special_tokens: override the model's setting (None = as saved; see `models.XTRModel`), e.g. False to
       evaluate an untrained model the way a model trained without scoring special tokens is evaluated.
-    leaves_to_search: ScaNN leaves searched per query token (None = the index's `num_leaves_to_search`, the
-      notebook's 100): a search-time setting, the index is not rebuilt. With `scoring` including "exact" and
-      `analysis`, the token recall against exact search shows what it buys.
+    leaves_to_search: ScaNN leaves (FAISS inverted lists) searched per query token (None = the index's
+      `num_leaves_to_search`, the notebook's 100): a search-time setting, the index is not rebuilt. With `scoring`
+      including "exact" and `analysis`, the token recall against exact search shows what it buys.
   """
   modes = _as_list(scoring)
   for m in modes:
@@ -619,9 +618,9 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
   for imp in imputations:
     if imp not in scoring_lib_imputations():
       raise ValueError(f"xtr_eval.imputation: unknown {imp!r}; expected one of {scoring_lib_imputations()}")
-  if leaves_to_search is not None and (index_backend != "scann" or leaves_to_search < 1):
-    raise ValueError(f"xtr_eval.leaves_to_search={leaves_to_search}: needs index_backend='scann' and a value >= 1 "
-                     f"(index_backend={index_backend!r})")
+  if leaves_to_search is not None and (index_backend not in ("scann", "faiss") or leaves_to_search < 1):
+    raise ValueError(f"xtr_eval.leaves_to_search={leaves_to_search}: needs index_backend 'scann' or 'faiss' and a "
+                     f"value >= 1 (index_backend={index_backend!r})")
   k_primes = _as_list(token_top_k, int)
   if any(k < 1 for k in k_primes) or top_k < 1:
     raise ValueError(f"token_top_k and top_k must be >= 1, got {k_primes} and {top_k}")
@@ -637,7 +636,7 @@ def evaluate(*, model: str = gin.REQUIRED, dataset: str | Sequence[str] = gin.RE
     if os.path.isfile(os.path.join(idx_dir, index_lib.INDEX_MANIFEST)):
       manifest = index_lib.read_manifest(idx_dir)
       _index_settings_mismatch(idx_dir, manifest["backend"], manifest["params"], manifest["num_tokens"],
-                               rebuild=rebuild_index)
+                               manifest["dim"], rebuild=rebuild_index)
   prepare_output_dir(output_dir, overwrite=overwrite)
 
   gin_utils.write_operative_config(output_dir)

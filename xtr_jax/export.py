@@ -386,7 +386,7 @@ def export(*, model_path: str = gin.REQUIRED, corpus: str = gin.REQUIRED, output
            index_backend: str | None = "scann") -> str | None:
   """Loads the model (`xtr_jax.load_pretrained`), exports the corpus, and (process 0) builds the token index.
 
-  index_backend: "scann", "bruteforce", or None (no index); its parameters come from gin `xtr_build_index.*`.
+  index_backend: "scann", "faiss", "bruteforce", or None (no index); its parameters come from gin `xtr_build_index.*`.
   """
   from xtr_jax import distributed, models  # pylint: disable=g-import-not-at-top
   distributed.initialize()

@@ -1,4 +1,4 @@
-"""Token index over every document token embedding: ScaNN (approximate) or exact brute force, one interface.
+"""Token index over every document token embedding: ScaNN or FAISS (approximate) or exact brute force, one interface.
 
     index = build_index(embeddings, backend="scann")     # embeddings float16/float32 [T, D]
     scores, token_ids = index.search(q, k)               # q float32 [N, D] -> [N, k] each, token_ids -1 = missing
@@ -29,6 +29,9 @@ recall against exact search from 0.888 to 0.892 (k'=100) and 0.898 to 0.900 (k'=
 69.7, 70.3 vs 70.1: within the spread of ScaNN rebuilds, whose k-means samples at random;
 `python benchmarks/scann_vs_exact_probe.py --center --builds 2`).
 
+The FAISS backend (IVF + 4-bit PQ fast-scan + optional 8-bit refinement) lives in `faiss_index.py`; it reads the
+same keywords (num_leaves = inverted lists, num_leaves_to_search = lists probed, reorder_* = refinement).
+
 A search asking for k > T neighbours is clamped to k = T and the remaining columns are padding (-1 / -inf): the
 scorer treats them as missing, so asking for k' larger than the corpus is harmless.
 """
@@ -56,7 +59,7 @@ from xtr_jax import checksums
 
 INDEX_MANIFEST = "token_index.json"
 FORMAT_VERSION = 1
-BACKENDS = ("scann", "bruteforce")
+BACKENDS = ("scann", "faiss", "bruteforce")
 
 
 def _check_embeddings(embeddings) -> np.ndarray:
@@ -73,6 +76,7 @@ class TokenIndex(abc.ABC):
   """Base class: `search(q float32 [N, D], k) -> (scores float32 [N, k], token_ids int32 [N, k])`, -1 = missing."""
 
   backend = ""
+  partitioned = False  # True: a search probes some partitions (leaves / inverted lists), see `search_with`
 
   def __init__(self, num_tokens: int, dim: int, params: dict[str, Any], identity: dict[str, Any] | None):
     self.num_tokens = int(num_tokens)
@@ -101,9 +105,26 @@ class TokenIndex(abc.ABC):
       ids = np.concatenate([ids, np.full((len(q), k - kk), -1, np.int32)], axis=1)
     return scores, ids
 
+  def search_with(self, q, k: int, *, leaves_to_search: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like `search`, probing `leaves_to_search` partitions (ScaNN leaves, FAISS inverted lists) instead of the
+    index's `num_leaves_to_search`: a search-time setting, for recall / latency sweeps."""
+    if not self.partitioned:
+      raise ValueError(f"leaves_to_search={leaves_to_search} needs a partitioned index (scann or faiss), not a "
+                       f"{self.backend} one")
+    if int(leaves_to_search) < 1:
+      raise ValueError(f"leaves_to_search must be >= 1, got {leaves_to_search}")
+    q, k = self._check_query(q, k)
+    kk = min(k, self.num_tokens)
+    s, i = self._search(q, kk, int(leaves_to_search))
+    if kk < k:
+      s = np.concatenate([s, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
+      i = np.concatenate([i, np.full((len(q), k - kk), -1, np.int32)], axis=1)
+    return s, i
+
   @abc.abstractmethod
-  def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Backend search with 1 <= k <= num_tokens: (scores float32 [N, k], token ids int32 [N, k])."""
+  def _search(self, q: np.ndarray, k: int, leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Backend search with 1 <= k <= num_tokens: (scores float32 [N, k], token ids int32 [N, k]); a partitioned
+    backend probes `leaves_to_search` partitions when given."""
 
   def _manifest(self) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "backend": self.backend, "num_tokens": self.num_tokens,
@@ -178,7 +199,8 @@ class BruteForceIndex(TokenIndex):
     self._valid = jnp.asarray(np.clip(t - np.arange(n_chunks) * size, 0, size).astype(np.int32))
     self._query_batch = int(query_batch)
 
-  def _search(self, q, k):
+  def _search(self, q, k, leaves_to_search=None):
+    del leaves_to_search  # exhaustive
     out_s, out_i = [], []
     for start in range(0, len(q), self._query_batch):
       part = q[start:start + self._query_batch]
@@ -201,6 +223,7 @@ class ScannIndex(TokenIndex):
   """ScaNN tree + asymmetric hashing (+ optional exact reordering); saved with ScaNN's own serialize."""
 
   backend = "scann"
+  partitioned = True
 
   def __init__(self, searcher, *, num_tokens: int, dim: int, params: dict[str, Any],
                identity: dict[str, Any] | None = None, rotation: np.ndarray | None = None,
@@ -241,16 +264,6 @@ class ScannIndex(TokenIndex):
     scores[missing] = -np.inf
     ids[missing] = -1
     return scores, ids
-
-  def search_with(self, q, k: int, *, leaves_to_search: int) -> tuple[np.ndarray, np.ndarray]:
-    """Like `search`, with a different number of leaves searched (for recall / latency sweeps)."""
-    q, k = self._check_query(q, k)
-    kk = min(k, self.num_tokens)
-    s, i = self._search(q, kk, leaves_to_search)
-    if kk < k:
-      s = np.concatenate([s, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
-      i = np.concatenate([i, np.full((len(q), k - kk), -1, np.int32)], axis=1)
-    return s, i
 
   def _save_files(self, directory):
     scann_dir = os.path.join(directory, "scann")
@@ -471,7 +484,8 @@ def _scann_params(num_tokens: int, *, num_neighbors, num_leaves, num_leaves_to_s
           "dimensions_per_block": int(dimensions_per_block),
           "anisotropic_quantization_threshold": float(anisotropic_quantization_threshold),
           "hash_type": str(hash_type), "reorder_k": int(reorder_k),
-          "reorder_dtype": str(reorder_dtype) if reorder_k else "none", "reorder_factor": float(reorder_factor),
+          "reorder_dtype": str(reorder_dtype) if reorder_k else "none",
+          "reorder_factor": float(reorder_factor) if reorder_k else 1.0,
           "spherical": bool(spherical),
           "training_threads": int(training_threads), "paired_dims": int(paired_dims), "center": bool(center),
           "soar_lambda": float(soar_lambda),
@@ -484,7 +498,10 @@ def _scann_params(num_tokens: int, *, num_neighbors, num_leaves, num_leaves_to_s
 _REORDER_DTYPES = ("float32", "int8", "bfloat16")
 _SCANN_BUILD_KEYS = ("num_leaves", "num_leaves_to_search", "training_sample_size", "dimensions_per_block",
                      "anisotropic_quantization_threshold", "hash_type", "reorder_k", "reorder_dtype", "spherical",
-                     "paired_dims", "center", "soar_lambda", "overretrieve_factor")
+                     "paired_dims", "center", "soar_lambda", "overretrieve_factor", "reorder_factor")
+# ScaNN-only settings, refused for the faiss backend when they differ from these (the notebook's / off) values.
+_SCANN_ONLY = {"anisotropic_quantization_threshold": 0.1, "spherical": False, "paired_dims": 0, "center": False,
+               "soar_lambda": 0.0}
 
 
 @gin.configurable("xtr_build_index", denylist=["embeddings", "identity"])
@@ -501,17 +518,22 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
   ScaNN keywords (num_leaves .. spherical) follow `scann_builder`; num_leaves, num_leaves_to_search and
   training_sample_size are clamped to T as the XTR notebook does. `reorder_k` > 0 rescores max(reorder_k,
   ceil(reorder_factor x k)) AH candidates exactly against stored `reorder_dtype` copies of the embeddings ('float32':
-  4 bytes per dimension, 'int8': ScaNN's scalar quantization, 1 byte per dimension, or 'bfloat16') and returns the
-  best k of them. `paired_dims` (even, lut16 with 1 dim per block only) quantizes that many lowest-variance principal
-  directions two per 4-bit code in a rotated basis (module docstring; 0 = the notebook's code). `center` indexes the
-  embeddings minus their mean and adds query . mean back to every returned score (module docstring). `soar_lambda` > 0
-  spills each token into a second leaf chosen by SOAR (ScaNN's TWO_CENTER_ORTHOGONALITY_AMPLIFIED spilling, Sun et al.
-  2023) with that lambda; a search takes `overretrieve_factor` x k candidates and keeps the distinct tokens among
-  them, so 2 (the default) always leaves k (a token sits in at most two leaves) while less pads rows with missing
-  entries (1.0 lost 22% of them in a test). It buys token recall per leaf searched with a second set of AH codes
-  (about twice the bytes/token). `search_threads` > 1 uses ScaNN's parallel batched search. Brute force keywords:
-  chunk_size (tokens per matmul) and query_batch (query vectors per call). `identity` (model / vocab / dim facts) is
-  stored in the manifest for compatibility checks at load time.
+  4 bytes per dimension, 'int8': ScaNN's scalar quantization, 1 byte per dimension, or 'bfloat16'; backend "faiss"
+  also 'float16') and returns the best k of them. `paired_dims` (even, lut16 with 1 dim per block only) quantizes that
+  many lowest-variance principal directions two per 4-bit code in a rotated basis (module docstring; 0 = the
+  notebook's code). `center` indexes the embeddings minus their mean and adds query . mean back to every returned
+  score (module docstring). `soar_lambda` > 0 spills each token into a second leaf chosen by SOAR (ScaNN's
+  TWO_CENTER_ORTHOGONALITY_AMPLIFIED spilling, Sun et al. 2023) with that lambda; a search takes `overretrieve_factor`
+  x k candidates and keeps the distinct tokens among them, so 2 (the default) always leaves k (a token sits in at most
+  two leaves) while less pads rows with missing entries (1.0 lost 22% of them in a test). It buys token recall per
+  leaf searched with a second set of AH codes (about twice the bytes/token). `search_threads` > 1 uses ScaNN's
+  parallel batched search (FAISS: OpenMP threads). Brute force keywords: chunk_size (tokens per matmul) and
+  query_batch (query vectors per call). Backend "faiss" (`faiss_index`): IVF with num_leaves lists over a k-means of
+  training_sample_size tokens, num_leaves_to_search probed, PQ with dimensions_per_block dims per code (hash_type
+  lut16: 4-bit fast-scan, lut256: 8-bit), reorder_* as above through FAISS's IndexRefine; the ScaNN-only settings
+  (anisotropic threshold, spherical, paired_dims, center, SOAR) must keep their defaults (0.1 is not applied: FAISS's
+  PQ is isotropic). `identity` (model / vocab / dim facts) is stored in the manifest for compatibility checks at load
+  time.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -519,6 +541,20 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
   start = time.perf_counter()
   if backend == "bruteforce":
     idx = BruteForceIndex(embeddings, chunk_size=chunk_size, query_batch=query_batch, identity=identity)
+  elif backend == "faiss":
+    from xtr_jax import faiss_index  # pylint: disable=g-import-not-at-top  (it subclasses TokenIndex from here)
+    given = {"anisotropic_quantization_threshold": anisotropic_quantization_threshold, "spherical": spherical,
+             "paired_dims": paired_dims, "center": center, "soar_lambda": soar_lambda}
+    scann_only = {k: v for k, v in given.items() if v != _SCANN_ONLY[k]}
+    if scann_only:
+      raise ValueError(f"{scann_only} are ScaNN settings the faiss backend does not have; leave them at "
+                       f"{ {k: _SCANN_ONLY[k] for k in scann_only} } or use backend='scann'")
+    params = faiss_index.params(
+        embeddings.shape[0], embeddings.shape[1], num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search,
+        training_sample_size=training_sample_size, dimensions_per_block=dimensions_per_block, hash_type=hash_type,
+        reorder_k=reorder_k, reorder_dtype=reorder_dtype, reorder_factor=reorder_factor,
+        training_threads=training_threads, search_threads=search_threads)
+    idx = faiss_index.build(embeddings, params, identity=identity)
   else:
     t = embeddings.shape[0]
     params = _scann_params(
@@ -536,25 +572,35 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
   return idx
 
 
-def build_settings_mismatch(backend: str, params: Mapping[str, Any], num_tokens: int) -> dict[str, tuple[Any, Any]]:
-  """{setting: (the index's value, the configured value)} for every ScaNN setting that decides an index's contents
-  (`_SCANN_BUILD_KEYS`) where an index (its backend, recorded `params` and `num_tokens`: `TokenIndex` attributes
-  or `read_manifest` fields) differs from what `build_index` would build now for as many tokens under the current
-  gin bindings of `xtr_build_index`. Empty for brute force and for a match. An index saved before a setting existed
-  counts as built with the setting's default."""
-  if backend != "scann":
+def build_settings_mismatch(backend: str, params: Mapping[str, Any], num_tokens: int,
+                            dim: int | None = None) -> dict[str, tuple[Any, Any]]:
+  """{setting: (the index's value, the configured value)} for every setting that decides what an index holds or
+  how it searches (`_SCANN_BUILD_KEYS`, `faiss_index.BUILD_KEYS`) where an index (its backend, recorded `params`,
+  `num_tokens` and `dim`, needed for faiss: `TokenIndex` attributes or `read_manifest` fields) differs from what
+  `build_index` would build now for as many tokens under the current gin bindings of `xtr_build_index`. Empty for
+  brute force and for a match. An index saved before a setting existed counts as built with the setting's default."""
+  if backend not in ("scann", "faiss"):
     return {}
   defaults = {name: p.default for name, p in inspect.signature(build_index).parameters.items()
               if p.kind is inspect.Parameter.KEYWORD_ONLY}
   configured = dict(defaults, **gin.get_bindings("xtr_build_index"))
+  if backend == "faiss":
+    from xtr_jax import faiss_index  # pylint: disable=g-import-not-at-top
+    if dim is None:
+      raise ValueError("build_settings_mismatch needs the index's dim for a faiss index")
+    record, keys, skip = functools.partial(faiss_index.params, int(num_tokens), int(dim)), faiss_index.BUILD_KEYS, 2
+  else:
+    record, keys, skip = functools.partial(_scann_params, int(num_tokens)), _SCANN_BUILD_KEYS, 1
+  names = list(inspect.signature(record.func).parameters)[skip:]
 
   def as_recorded(settings):
-    return _scann_params(int(num_tokens), **{k: settings[k] for k in inspect.signature(_scann_params).parameters
-                                             if k != "num_tokens"})
+    return record(**{k: settings[k] for k in names})
   # (an index saved before reorder_dtype existed reordered in float32 when it reordered at all)
   want, default = as_recorded(configured), as_recorded(dict(defaults, reorder_k=params.get("reorder_k", 0)))
-  stored = {k: params.get(k, default[k]) for k in _SCANN_BUILD_KEYS}
-  return {k: (stored[k], want[k]) for k in _SCANN_BUILD_KEYS if stored[k] != want[k]}
+  stored = {k: params.get(k, default[k]) for k in keys}
+  if not stored["reorder_k"]:  # recorded as given before the factor was tied to reordering; without it, unused
+    stored["reorder_factor"] = 1.0
+  return {k: (stored[k], want[k]) for k in keys if stored[k] != want[k]}
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
@@ -621,6 +667,11 @@ def load_index(directory: str, *, expect_identity: dict[str, Any] | None = None,
     searcher = _load_scann_searcher(scann_dir)
     return ScannIndex(searcher, num_tokens=manifest["num_tokens"], dim=d, params=params, identity=identity,
                       rotation=rotation, center=center)
+  if manifest["backend"] == "faiss":
+    from xtr_jax import faiss_index  # pylint: disable=g-import-not-at-top
+    if search_threads is not None:
+      params["search_threads"] = int(search_threads)
+    return faiss_index.load(directory, manifest, params, identity)
   raise ValueError(f"{path}: backend expected one of {BACKENDS}, got {manifest['backend']!r}")
 
 
