@@ -97,13 +97,7 @@ class TokenIndex(abc.ABC):
 
   def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k tokens by inner product; k > num_tokens is clamped (extra columns: score -inf, id -1)."""
-    q, k = self._check_query(q, k)
-    kk = min(k, self.num_tokens)
-    scores, ids = self._search(q, kk)
-    if kk < k:
-      scores = np.concatenate([scores, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
-      ids = np.concatenate([ids, np.full((len(q), k - kk), -1, np.int32)], axis=1)
-    return scores, ids
+    return self._clamped_search(q, k, None)
 
   def search_with(self, q, k: int, *, leaves_to_search: int) -> tuple[np.ndarray, np.ndarray]:
     """Like `search`, probing `leaves_to_search` partitions (ScaNN leaves, FAISS inverted lists) instead of the
@@ -113,13 +107,16 @@ class TokenIndex(abc.ABC):
                        f"{self.backend} one")
     if int(leaves_to_search) < 1:
       raise ValueError(f"leaves_to_search must be >= 1, got {leaves_to_search}")
+    return self._clamped_search(q, k, int(leaves_to_search))
+
+  def _clamped_search(self, q, k: int, leaves_to_search: int | None) -> tuple[np.ndarray, np.ndarray]:
     q, k = self._check_query(q, k)
     kk = min(k, self.num_tokens)
-    s, i = self._search(q, kk, int(leaves_to_search))
+    scores, ids = self._search(q, kk, leaves_to_search)
     if kk < k:
-      s = np.concatenate([s, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
-      i = np.concatenate([i, np.full((len(q), k - kk), -1, np.int32)], axis=1)
-    return s, i
+      scores = np.concatenate([scores, np.full((len(q), k - kk), -np.inf, np.float32)], axis=1)
+      ids = np.concatenate([ids, np.full((len(q), k - kk), -1, np.int32)], axis=1)
+    return scores, ids
 
   @abc.abstractmethod
   def _search(self, q: np.ndarray, k: int, leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
