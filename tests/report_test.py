@@ -11,16 +11,22 @@ import pytest
 from xtr_jax import report
 
 
-def _write_eval(root, datasets: dict[str, dict[str, float]], analysis: dict | None = None):
+def _write_eval(root, datasets: dict[str, dict[str, float]], analysis: dict | None = None, backend: str | None = None,
+                model: str | None = None, summary: bool = True):
   rows = []
   for d, systems in datasets.items():
     os.makedirs(root / d, exist_ok=True)
     k_of = lambda s: int(s.rsplit("k", 1)[1]) if s != "bm25" else None  # noqa: E731
     res = {"systems": {s: {"k_prime": k_of(s), "metrics": {"nDCG@10": v, "Recall@100": v / 2}}
                        for s, v in systems.items()}, "analysis": analysis or {}}
+    if backend is not None:
+      res["index"] = {"backend": backend}
+    if model is not None:
+      res["model_identity"] = {"model_sha256": model}
     (root / d / "metrics.json").write_text(json.dumps(res))
     rows += [{"dataset": d, "system": s} for s in systems]
-  (root / "summary.json").write_text(json.dumps({"rows": rows}))
+  if summary:
+    (root / "summary.json").write_text(json.dumps({"rows": rows}))
   return str(root)
 
 
@@ -153,6 +159,105 @@ def test_gap_table_tests_xtr_minus_rescoring_per_model_and_against_the_baseline(
       assert cells[5] == f"{100 * d.mean():+.2f}" and cells[6] == f"{t_test_p(d):.3f}"
   assert float(rows[("xtr", "scifact", "100")][6]) < 0.01  # 8 points less loss over 60 queries is detected
   _write_per_query(tmp_path / "xtr", "scifact", "xtr-kth-k100", {q: 0.5 for q in qids[1:]})
-  evals = [(m, str(tmp_path / m), report.read_eval_dir(str(tmp_path / m))) for m in ("colbert", "xtr")]
+  evals = [(m, report.read_eval_dir(str(tmp_path / m))) for m in ("colbert", "xtr")]
   with pytest.raises(ValueError, match="xtr-kth-k100 and colbert-k1000 per-query files hold different queries"):
     report.gap_table(evals, "colbert")  # (report() stops earlier, at table 4, for the same file)
+
+
+def test_one_model_evaluated_in_parts_is_merged_and_conflicts_are_refused(tmp_path):
+  qids = [f"q{i}" for i in range(5)]
+  a = _write_eval(tmp_path / "a", {"scifact": {"xtr-kth-k100": 0.5, "colbert-k100": 0.6}}, model="m1")
+  b = _write_eval(tmp_path / "b", {"scifact": {"xtr-kth-k4000": 0.7}, "cranfield": {"xtr-kth-k100": 0.3}},
+                  model="m1", summary=False)  # stopped before its summary.json: its finished datasets count
+  _write_per_query(tmp_path / "a", "scifact", "xtr-kth-k100", {q: 0.1 for q in qids})
+  _write_per_query(tmp_path / "b", "scifact", "xtr-kth-k4000", {q: 0.9 for q in qids})
+  merged = report.read_evaluation([a, b])
+  assert list(merged) == ["scifact", "cranfield"]
+  assert sorted(merged["scifact"]["systems"]) == ["colbert-k100", "xtr-kth-k100", "xtr-kth-k4000"]
+  assert report._per_query(merged["scifact"], "xtr-kth-k4000", "nDCG@10") == {q: 0.9 for q in qids}  # from b
+  assert report._per_query(merged["scifact"], "xtr-kth-k100", "nDCG@10") == {q: 0.1 for q in qids}  # from a
+  text = report.report(evals=[("m", [a, b])])
+  assert "| m | XTR scoring, k'=4000 | 70.0 | 35.0 | – | – |" in text.splitlines()
+  assert f"- m: `{b}` (stopped before its summary.json" in text
+  c = _write_eval(tmp_path / "c", {"scifact": {"xtr-kth-k100": 0.55}}, model="m1")
+  with pytest.raises(ValueError, match=r"systems \['xtr-kth-k100'\] evaluated in both"):
+    report.read_evaluation([a, c])
+  other = _write_eval(tmp_path / "o", {"scifact": {"xtr-kth-k1000": 0.55}}, model="m2")
+  with pytest.raises(ValueError, match="disagree on 'model_identity'"):
+    report.read_evaluation([a, other])
+
+
+def _welch_p_by_hand(x, y):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  vx, vy = np.var(x, ddof=1) / len(x), np.var(y, ddof=1) / len(y)
+  t = (np.mean(x) - np.mean(y)) / np.sqrt(vx + vy)
+  df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+  return 2 * stats.t.sf(abs(t), df)
+
+
+def test_seed_table_compares_groups_over_members_and_queries(tmp_path):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  qids = [f"q{i}" for i in range(50)]
+  per_query, evals = {}, []
+  for g, (loss, seeds) in {"xtr": (0.01, 3), "colbert": (0.06, 2)}.items():
+    for s in range(seeds):
+      label = f"{g}{s}"
+      rescoring = np.round(rng.uniform(0.2, 1.0, len(qids)), 6)
+      x100 = np.round(rescoring - loss + rng.normal(0, 0.05, len(qids)), 6)
+      per_query[label] = {"x": x100, "c": rescoring}
+      root = tmp_path / label
+      # xtr0 ran exact search beside a ScaNN index; the others are brute-force evaluations (their xtr-kth IS exact);
+      # colbert1 also rescored at k'=4000, which the others did not: rescoring is compared at k'=1000
+      if label == "xtr0":
+        systems = {"xtr-kth-k100": 0.1, "exact-kth-k100": float(x100.mean()), "colbert-k1000": float(rescoring.mean())}
+        files = {"xtr-kth-k100": np.zeros(len(qids)), "exact-kth-k100": x100, "colbert-k1000": rescoring}
+        backend = "scann"
+      else:
+        systems = {"xtr-kth-k100": float(x100.mean()), "colbert-k1000": float(rescoring.mean())}
+        files = {"xtr-kth-k100": x100, "colbert-k1000": rescoring}
+        backend = "bruteforce"
+      if label == "colbert1":
+        systems["colbert-k4000"] = 0.9
+        files["colbert-k4000"] = np.ones(len(qids))
+      _write_eval(root, {"scifact": systems}, backend=backend)
+      for name, v in files.items():
+        _write_per_query(root, "scifact", name, {q: float(v[i]) for i, q in enumerate(qids)})
+      evals.append((label, str(root)))
+  groups = [("XTR", ["xtr0", "xtr1", "xtr2"]), ("ColBERT", ["colbert0", "colbert1"])]
+  text = report.report(evals=evals, groups=groups)
+  section = text.split("## Groups of models (seeds)")[1].split("Evaluations:")[0]
+  rows = {(c[1], c[2]): c for c in ([x.strip() for x in line.strip("|").split("|")] for line in section.splitlines()
+                                    if line.startswith("| scifact"))}
+  assert set(rows) == {(q, g) for q in ("XTR, exact token search, k'=100", "ColBERT rescoring, k'=1000",
+                                        "XTR exact k'=100 minus rescoring k'=1000") for g in ("XTR", "ColBERT")}
+  for quantity, value in (("XTR, exact token search, k'=100", lambda m: m["x"]),
+                          ("ColBERT rescoring, k'=1000", lambda m: m["c"]),
+                          ("XTR exact k'=100 minus rescoring k'=1000", lambda m: m["x"] - m["c"])):
+    members = {g: [value(per_query[m]) for m in ms] for g, ms in groups}
+    means = {g: [100 * v.mean() for v in vs] for g, vs in members.items()}
+    for g, _ in groups:
+      cells = rows[(quantity, g)]
+      assert cells[3] == str(len(means[g])) and cells[4] == " / ".join(f"{v:.1f}" for v in means[g])
+      assert cells[5] == f"{np.mean(means[g]):.2f}" and cells[6] == f"{np.std(means[g], ddof=1):.2f}"
+    cells = rows[(quantity, "ColBERT")]
+    assert cells[7] == f"{np.mean(means['ColBERT']) - np.mean(means['XTR']):+.2f}"
+    assert cells[8] == f"{_welch_p_by_hand(means['ColBERT'], means['XTR']):.3f}"
+    d = np.mean(members["ColBERT"], axis=0) - np.mean(members["XTR"], axis=0)
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert cells[9] == f"{2 * stats.t.sf(abs(t), len(d) - 1):.3f}"
+    assert rows[(quantity, "XTR")][7:] == ["", "", ""]
+  # 5 points more loss for the ColBERT group over 50 queries is found query by query
+  assert float(rows[("XTR exact k'=100 minus rescoring k'=1000", "ColBERT")][9]) < 0.01
+  # a member whose only XTR rows come from an index (no exact search) leaves exact XTR out of the comparison
+  scann_only = _write_eval(tmp_path / "s", {"scifact": {"xtr-kth-k100": 0.5, "colbert-k1000": 0.6}}, backend="scann")
+  _write_per_query(tmp_path / "s", "scifact", "colbert-k1000", {q: 0.6 for q in qids})
+  text = report.report(evals=evals + [("s", scann_only)], groups=[groups[0], ("S", ["s"])])
+  section = text.split("## Groups of models (seeds)")[1]
+  assert "ColBERT rescoring, k'=1000" in section and "exact token search" not in section
+  assert "| S | 1 | 60.0 | 60.00 | – |" in section  # one member: no spread, no Welch test
+  for bad, match in (([groups[0]], "at least two groups"), ([groups[0], ("E", [])], "has no members"),
+                     ([groups[0], ("N", ["nobody"])], "'nobody' .* is not one of the labels"),
+                     ([groups[0], ("D", ["xtr0"])], "'xtr0' is in two groups")):
+    with pytest.raises(ValueError, match=match):
+      report.report(evals=evals, groups=bad)
