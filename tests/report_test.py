@@ -68,6 +68,8 @@ def test_missing_eval_output_is_named(tmp_path):
     report.report(evals={"x": d})
   with pytest.raises(ValueError, match="pairs"):
     report.report(evals=[("x", d, "extra")])
+  with pytest.raises(ValueError, match=r"labels \['x'\] name more than one evaluation"):
+    report.report(evals=[("x", d), ("y", d), ("x", d)])
 
 
 def test_cli(tmp_path):

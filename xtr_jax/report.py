@@ -415,6 +415,10 @@ def report(*, evals: Sequence[tuple[str, str | Sequence[str]]] | Mapping[str, st
   for p in pairs:
     if len(p) != 2:
       raise ValueError(f"xtr_report.evals: expected (label, directory) pairs, got {p!r}")
+  twice = sorted({label for label, _ in pairs if [l for l, _ in pairs].count(label) > 1})
+  if twice:
+    raise ValueError(f"xtr_report.evals: labels {twice} name more than one evaluation (a model evaluated in parts is "
+                     "one label with a list of dirs)")
   loaded = [(label, read_evaluation(path)) for label, path in pairs]
   sources = []
   for label, path in pairs:
