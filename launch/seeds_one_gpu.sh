@@ -55,9 +55,11 @@ one() {
   # shellcheck disable=SC2086  # TRAIN_ARGS / EVAL_ARGS are word lists
   ${PYTHON} -m xtr_jax.train --gin_file="experiments/${experiment}.gin" --gin.MODEL_DIR="'${dir}/train'" \
     --gin.SEED="${seed}" ${TRAIN_ARGS:-} 2>&1 | quiet | stamp >>"${dir}/log.txt"
-  touch "${dir}/train_exit"
-  [[ -d "${dir}/train/model" ]] || { log "${name}: training FAILED (${dir}/log.txt)"; return 1; }
-  log "${name}: trained; evaluating"
+  local trained=0
+  [[ -d "${dir}/train/model" ]] && trained=1
+  if ((trained)); then log "${name}: trained; evaluating"; else log "${name}: training FAILED (${dir}/log.txt)"; fi
+  touch "${dir}/train_exit"  # after the log line: a follower's start is always logged after its leader's end
+  ((trained)) || return 1
   # shellcheck disable=SC2086
   ${PYTHON} -m xtr_jax.eval --gin_file="${EVAL_GIN}" --gin.MODEL="'${dir}/train/model'" \
     --gin.OUTPUT_DIR="'${dir}/eval'" "--gin.xtr_eval.scoring=['xtr', 'colbert']" \
