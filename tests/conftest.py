@@ -1,8 +1,9 @@
-"""Test harness: 8 simulated CPU devices, hardware markers, and the real-data fixture.
+"""Test harness: 8 simulated CPU devices, hardware markers, the real-data fixture and BEIR subsets of it.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
 """
 
+import json
 import os
 
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -56,6 +57,38 @@ def data_dir() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"real data not found at {path} (set {DATA_ENV} to its location)")
   return path
+
+
+@pytest.fixture(scope="session")
+def beir_subset(data_dir, tmp_path_factory):
+  """Factory `beir_subset(name, queries=Q, docs=D) -> str`: a BEIR dir holding the first Q judged test queries of
+  `<data>/beir/<name>`, their judged documents and other documents up to D in all (skips when the dataset is
+  absent)."""
+
+  def make(name: str, *, queries: int, docs: int) -> str:
+    src = data_dir / "beir" / name
+    if not (src / "corpus.jsonl").is_file():
+      pytest.skip(f"{name} not found under {src}")
+    with open(src / "qrels" / "test.tsv", encoding="utf-8") as f:
+      rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    qids = list(dict.fromkeys(q for q, _, _ in rows))[:queries]
+    rows = [r for r in rows if r[0] in qids]
+    judged = {d for _, d, _ in rows}
+    with open(src / "corpus.jsonl", encoding="utf-8") as f:
+      corpus = [line for line in f if line.strip()]
+    kept = [line for line in corpus if json.loads(line)["_id"] in judged]
+    kept += [line for line in corpus if json.loads(line)["_id"] not in judged][:docs - len(kept)]
+    root = tmp_path_factory.mktemp("beir") / name
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(kept), encoding="utf-8")
+    with open(src / "queries.jsonl", encoding="utf-8") as f:
+      (root / "queries.jsonl").write_text("".join(line for line in f if line.strip() and json.loads(line)["_id"]
+                                                  in set(qids)), encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n"
+                                                                                   for r in rows), encoding="utf-8")
+    return str(root)
+
+  return make
 
 
 @pytest.fixture(scope="session")

@@ -44,21 +44,9 @@ def _write_beir(root, docs, queries, qrels_rows, split="test"):
 
 
 @pytest.fixture(scope="module")
-def scifact_subset(tmp_path_factory, data_dir):
+def scifact_subset(beir_subset):
   """First 20 SciFact test queries, their relevant documents, and other documents up to 200, as a BEIR dir."""
-  src = data_dir / "beir" / "scifact"
-  if not (src / "corpus.jsonl").is_file():
-    pytest.skip(f"SciFact not found under {src}")
-  rows = [line.rstrip("\n").split("\t") for line in open(src / "qrels" / "test.tsv", encoding="utf-8")][1:]
-  qids = list(dict.fromkeys(q for q, _, _ in rows))[:N_QUERIES]
-  rows = [r for r in rows if r[0] in qids]
-  relevant = {d for _, d, _ in rows}
-  corpus = _read_jsonl(src / "corpus.jsonl")
-  docs = [d for d in corpus if d["_id"] in relevant]
-  docs += [d for d in corpus if d["_id"] not in relevant][:N_DOCS - len(docs)]
-  queries = [q for q in _read_jsonl(src / "queries.jsonl") if q["_id"] in set(qids)]
-  root = tmp_path_factory.mktemp("beir") / "scifact"
-  return _write_beir(root, docs, queries, rows)
+  return beir_subset("scifact", queries=N_QUERIES, docs=N_DOCS)
 
 
 def _tiny_model_dir(path, vocab, seed=0):

@@ -3,7 +3,6 @@ bad run specs refused before anything starts, the deadline stopping what is left
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pathlib
@@ -15,30 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = "launch/seeds_one_gpu.sh"
 
 
-def _tiny_beir(data_dir: pathlib.Path, root: pathlib.Path, queries: int = 4, others: int = 30) -> pathlib.Path:
-  """A BEIR dataset of Cranfield's first `queries` judged queries, their judged documents and `others` more."""
-  src = data_dir / "beir" / "cranfield"
-  with open(src / "qrels" / "test.tsv", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f, delimiter="\t"))
-  qids = list(dict.fromkeys(r["query-id"] for r in rows))[:queries]
-  judged = {r["corpus-id"] for r in rows if r["query-id"] in qids}
-  (root / "qrels").mkdir(parents=True)
-  with open(src / "corpus.jsonl", encoding="utf-8") as f, open(root / "corpus.jsonl", "w", encoding="utf-8") as g:
-    n = 0
-    for line in f:
-      doc_id = json.loads(line)["_id"]
-      if doc_id in judged or n < others:
-        n += doc_id not in judged
-        g.write(line)
-  with open(src / "queries.jsonl", encoding="utf-8") as f, open(root / "queries.jsonl", "w", encoding="utf-8") as g:
-    g.writelines(line for line in f if json.loads(line)["_id"] in qids)
-  with open(root / "qrels" / "test.tsv", "w", encoding="utf-8") as g:
-    g.write("query-id\tcorpus-id\tscore\n")
-    g.writelines(f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in rows if r["query-id"] in qids)
-  return root
-
-
-def _env(data_dir: pathlib.Path, dataset: pathlib.Path, **extra: str) -> dict[str, str]:
+def _env(data_dir: pathlib.Path, dataset: str | pathlib.Path, **extra: str) -> dict[str, str]:
   train, beir = data_dir / "train", data_dir / "beir"
   env = dict(os.environ)
   env.update(
@@ -58,8 +34,8 @@ def _env(data_dir: pathlib.Path, dataset: pathlib.Path, **extra: str) -> dict[st
   return env
 
 
-def test_runs_train_and_evaluate_exactly_and_a_follower_waits_for_its_leader(data_dir, tmp_path):
-  dataset = _tiny_beir(data_dir, tmp_path / "tiny")
+def test_runs_train_and_evaluate_exactly_and_a_follower_waits_for_its_leader(data_dir, beir_subset, tmp_path):
+  dataset = beir_subset("cranfield", queries=4, docs=40)
   out = tmp_path / "seeds"
   proc = subprocess.run(["bash", SCRIPT, str(out), "lead:xtr_minilm_cpu_b256:0",
                          "follow:colbert_minilm_cpu_b256:1:lead"], cwd=REPO, env=_env(data_dir, dataset),
@@ -73,12 +49,12 @@ def test_runs_train_and_evaluate_exactly_and_a_follower_waits_for_its_leader(dat
   for name, loss, seed in (("lead", "xtr_loss", 0), ("follow", "colbert_loss", 1)):
     config = (out / name / "train" / "config.gin").read_text()
     assert f"XTRModel.loss = @{loss}" in config and f"SEED = {seed}" in config
-    metrics = json.loads((out / name / "eval" / "tiny" / "metrics.json").read_text())
+    metrics = json.loads((out / name / "eval" / "cranfield" / "metrics.json").read_text())
     assert metrics["index"]["backend"] == "bruteforce"
     assert sorted(metrics["systems"]) == ["colbert-k100", "colbert-k1000", "xtr-kth-k100", "xtr-kth-k1000"]
   text = report.report(evals=[("XTR", str(out / "lead" / "eval")), ("ColBERT", str(out / "follow" / "eval"))],
                        groups=[("XTR loss", ["XTR"]), ("ColBERT loss", ["ColBERT"])])
-  assert "| tiny | XTR exact k'=100 minus rescoring k'=1000 | ColBERT loss | 1 |" in text
+  assert "| cranfield | XTR exact k'=100 minus rescoring k'=1000 | ColBERT loss | 1 |" in text
 
 
 def test_bad_runs_are_refused_before_anything_starts(data_dir, tmp_path):
