@@ -68,6 +68,9 @@ one() {
   if [[ -f "${dir}/eval/summary.json" ]]; then log "${name}: evaluated"; else log "${name}: evaluation FAILED"; return 1; fi
 }
 
+for run in "$@"; do  # a rerun into the same OUT: no follower may take a previous run's end mark for its leader's
+  rm -f "${OUT}/${run%%:*}/train_exit"
+done
 pids=()
 for run in "$@"; do
   IFS=: read -r name experiment seed leader _ <<<"${run}"
