@@ -12,7 +12,8 @@ For each k' (token_top_k):
   (a) notebook: the official XTR notebook's pipeline -- ScaNN built with the notebook defaults, one
       `search_batched` per query (its tokens), then the notebook's per-query Python loop (dict of max per
       (doc, query token), missing similarity = the k'-th score, mean over query tokens, sorted()).
-  (b) ours: ONE `search_batched` for all tokens of a batch of queries + `xtr_jax.scoring.xtr_score` (jit), with
+  (b) ours: ONE index search for all tokens of a batch of queries (`TokenIndex.search_padded` +
+      `index.lookup_tokens`, what `xtr_jax.eval` and `XTRRetriever` run) + `xtr_jax.scoring.xtr_score` (jit), with
       num_leaves_to_search = the notebook's 100 and, per k' and index, the cheapest setting from the sweep whose
       top-10 agreement with exact XTR is within --tolerance of the notebook index's at its 100 leaves.
 Reported: ms/query (mean over queries; (a) also median), search / scoring split, token recall@k' vs brute force,
@@ -111,15 +112,8 @@ def batched_search(idx, q: np.ndarray, q_mask: np.ndarray, token_doc: np.ndarray
       qb = np.concatenate([qb, np.zeros((batch - rows,) + qb.shape[1:], qb.dtype)])
       mb = np.concatenate([mb, np.zeros((batch - rows, n), bool)])
     t0 = time.perf_counter()
-    flat = qb[mb]
-    if exact or leaves is None:
-      s, t = idx.search(flat, k)
-    else:
-      s, t = idx.search_with(flat, k, leaves_to_search=leaves)
-    scores = np.full((batch, n, k), -np.inf, np.float32)
-    toks = np.full((batch, n, k), -1, np.int32)
-    scores[mb], toks[mb] = s, t
-    docs = np.where(toks >= 0, token_doc[np.maximum(toks, 0)], -1)
+    scores, toks = idx.search_padded(qb, mb, k, leaves_to_search=None if exact else leaves)
+    docs = index_lib.lookup_tokens(token_doc, toks)
     t1 = time.perf_counter()
     d, _ = scoring.xtr_score(scores, docs, mb, top_k, num_docs=num_docs)
     d = np.asarray(d)  # blocks until the scorer finished

@@ -91,6 +91,43 @@ def test_k_larger_than_corpus_is_clamped(data):
   assert sorted(i[0, :30]) == list(range(30))
 
 
+@pytest.mark.parametrize("backend", ["bruteforce", "scann", "faiss"])
+def test_search_padded_equals_per_row_search_with_padding_and_missing(data, backend):
+  x, q = data
+  kw = {} if backend == "bruteforce" else dict(num_leaves=100, num_leaves_to_search=2, training_sample_size=5000)
+  idx = index.build_index(x, backend=backend, **kw)
+  rng = np.random.default_rng(3)
+  qq = q[:36].reshape(4, 9, -1).copy()
+  mask = rng.random((4, 9)) < 0.6
+  mask[2] = False  # a query with no valid token
+  qq[~mask] = 7.0  # padding rows hold garbage: never searched
+  k = 2000  # more than 2 of 100 lists hold (~240 tokens): the approximate backends return missing entries
+  for leaves, missing in ((None, -np.inf), (None, 0.0), (1, 0.5)):
+    if leaves is not None and backend == "bruteforce":
+      continue
+    s, t = idx.search_padded(qq, mask, k, leaves_to_search=leaves, missing_score=missing)
+    assert s.shape == t.shape == (4, 9, k) and s.dtype == np.float32 and t.dtype == np.int32
+    want_s, want_t = (idx.search(qq[mask], k) if leaves is None
+                      else idx.search_with(qq[mask], k, leaves_to_search=leaves))
+    np.testing.assert_array_equal(t[mask], want_t)
+    np.testing.assert_array_equal(s[mask], np.where(want_t < 0, np.float32(missing), want_s))
+    assert np.all(t[~mask] == -1) and np.all(s[~mask] == np.float32(missing))
+    if backend != "bruteforce":
+      assert (want_t < 0).any()  # the missing-result path is exercised
+  with pytest.raises(ValueError, match=r"q must be \[N, n, D\] with q_mask \[N, n\]"):
+    idx.search_padded(qq, mask[:, :5], 10)
+
+
+def test_lookup_tokens_maps_ids_and_keeps_missing():
+  table = np.array([5, 5, 6, 9, 9, 9], np.int32)
+  ids = np.array([[[0, 3, -1], [5, -1, -1]], [[-1, -1, -1], [2, 1, 4]]], np.int32)
+  got = index.lookup_tokens(table, ids)
+  want = np.where(ids >= 0, table[np.maximum(ids, 0)], -1)
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == np.int32
+  assert index.lookup_tokens(table, ids, missing=-7)[0, 0, 2] == -7
+
+
 def test_bad_inputs(data):
   x, q = data
   idx = index.build_index(x[:100], backend="bruteforce")

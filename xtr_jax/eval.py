@@ -266,30 +266,20 @@ def retrieve_tokens(token_index, q: np.ndarray, q_mask: np.ndarray, token_doc: n
                     ) -> Retrieved:
   """k' nearest document tokens of every valid query token (q f32 [Nq, n, D], q_mask bool [Nq, n]); a ScaNN index
   searches `leaves_to_search` leaves (FAISS: inverted lists) instead of its built-in number when given."""
-  if leaves_to_search is None:
-    search = token_index.search
-  else:  # (a brute-force index refuses it)
-    search = lambda x, k: token_index.search_with(x, k, leaves_to_search=leaves_to_search)
   nq, n, _ = q.shape
   scores = np.zeros((nq, n, k_prime), np.float32)
   tokens = np.full((nq, n, k_prime), -1, np.int32)
   spans = _batches(nq, batch_size)
-  warm = q[spans[0]][q_mask[spans[0]]]
-  if len(warm):
-    search(warm, k_prime)  # warm-up (jit compilation of the brute-force index, caches)
+  if q_mask[spans[0]].any():  # warm-up (jit compilation of the brute-force index, caches)
+    token_index.search_padded(q[spans[0]], q_mask[spans[0]], k_prime, leaves_to_search=leaves_to_search)
   t0 = time.perf_counter()
   for span in tqdm(spans, desc=f"{desc} k'={k_prime}", unit="batch", leave=False):
-    mask = q_mask[span]
-    flat = q[span][mask]
-    if not len(flat):
+    if not q_mask[span].any():
       continue
-    s, t = search(flat, k_prime)
-    block_s = scores[span]
-    block_t = tokens[span]
-    block_s[mask] = np.where(t >= 0, s, 0.0)
-    block_t[mask] = t
+    scores[span], tokens[span] = token_index.search_padded(q[span], q_mask[span], k_prime,
+                                                           leaves_to_search=leaves_to_search, missing_score=0.0)
   seconds = time.perf_counter() - t0
-  docs = np.where(tokens >= 0, token_doc[np.maximum(tokens, 0)], -1).astype(np.int32)
+  docs = index_lib.lookup_tokens(token_doc, tokens).astype(np.int32, copy=False)
   return Retrieved(scores=scores, tokens=tokens, docs=docs, seconds=seconds)
 
 

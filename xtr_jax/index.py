@@ -72,6 +72,17 @@ def _check_embeddings(embeddings) -> np.ndarray:
   return embeddings
 
 
+def lookup_tokens(table: np.ndarray, token_ids: np.ndarray, missing: int = -1) -> np.ndarray:
+  """`table[token_ids]` (e.g. token -> document index, token -> vocabulary id) with `missing` where token_ids < 0.
+
+  table [T] (any integer dtype), token_ids int [...] (-1 = missing) -> table.dtype [...]. One gather and one in-place
+  fix-up: a -1 id reads the table's last entry first and is then overwritten.
+  """
+  out = np.asarray(table)[token_ids]
+  np.putmask(out, token_ids < 0, missing)
+  return out
+
+
 class TokenIndex(abc.ABC):
   """Base class: `search(q float32 [N, D], k) -> (scores float32 [N, k], token_ids int32 [N, k])`, -1 = missing."""
 
@@ -108,6 +119,35 @@ class TokenIndex(abc.ABC):
     if int(leaves_to_search) < 1:
       raise ValueError(f"leaves_to_search must be >= 1, got {leaves_to_search}")
     return self._clamped_search(q, k, int(leaves_to_search))
+
+  def search_padded(self, q, q_mask, k: int, *, leaves_to_search: int | None = None,
+                    missing_score: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k tokens of every valid query token of a batch of queries, ONE index search for all of them.
+
+    q float [N, n, D], q_mask bool [N, n] -> (scores float32 [N, n, k], token ids int32 [N, n, k]): the scorer's
+    layout. Rows of padding query tokens and missing results hold `missing_score` and id -1. `leaves_to_search` as in
+    `search_with` (None: the index's own setting). Built with flat row numbers and in-place fills, not masked
+    `np.where` copies: at k' = 4000 a batch's arrays are ~100 MB, and with the copies the same FAISS search + token ->
+    document lookup took 19.8 instead of 15.5 ms/query (SciFact, 100 lists; 4.9 vs 4.8 at k' = 1000).
+    """
+    q_mask = np.asarray(q_mask, bool)
+    if q_mask.ndim != 2 or np.ndim(q) != 3 or tuple(np.shape(q)[:2]) != q_mask.shape:
+      raise ValueError(f"q must be [N, n, D] with q_mask [N, n]; got {np.shape(q)} and {q_mask.shape}")
+    n_q, n = q_mask.shape
+    rows = np.flatnonzero(q_mask.reshape(-1))
+    flat = np.asarray(q).reshape(n_q * n, -1)[rows]
+    if leaves_to_search is None:
+      s, t = self.search(flat, k)
+    else:
+      s, t = self.search_with(flat, k, leaves_to_search=leaves_to_search)
+    k = s.shape[1]
+    if missing_score != -np.inf:
+      np.putmask(s, t < 0, np.float32(missing_score))
+    scores = np.full((n_q * n, k), missing_score, np.float32)
+    ids = np.full((n_q * n, k), -1, np.int32)
+    scores[rows] = s
+    ids[rows] = t
+    return scores.reshape(n_q, n, k), ids.reshape(n_q, n, k)
 
   def _clamped_search(self, q, k: int, leaves_to_search: int | None) -> tuple[np.ndarray, np.ndarray]:
     q, k = self._check_query(q, k)

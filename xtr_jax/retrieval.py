@@ -69,6 +69,7 @@ class XTRRetriever:
     self.index = index
     self.query_batch = int(query_batch)
     self._token_doc = np.asarray(store.token_doc)
+    self._token_vocab = np.asarray(store.token_ids)
     self._device_embeddings = None
     self._exact_index = None
 
@@ -113,21 +114,10 @@ class XTRRetriever:
       raise ValueError("this retriever has no token index: only scoring='exact' works")
     else:
       token_index = self.index
-    q = np.asarray(q, np.float32)
-    q_mask = np.asarray(q_mask, bool)
-    if q.ndim != 3 or q_mask.shape != q.shape[:2]:
-      raise ValueError(f"q must be [N, n, D] with q_mask [N, n]; got {q.shape} and {q_mask.shape}")
-    n_q, n, _ = q.shape
-    k = int(token_top_k)
-    scores = np.full((n_q, n, k), -np.inf, np.float32)
-    pos = np.full((n_q, n, k), -1, np.int64)
-    flat_s, flat_i = token_index.search(q[q_mask], k)
-    scores[q_mask] = flat_s
-    pos[q_mask] = flat_i
-    missing = pos < 0
-    safe = np.where(missing, 0, pos)
-    doc = np.where(missing, -1, self._token_doc[safe]).astype(np.int32)
-    vocab = np.where(missing, -1, np.asarray(self.store.token_ids)[safe]).astype(np.int32)
+    scores, ids = token_index.search_padded(np.asarray(q, np.float32), q_mask, int(token_top_k))
+    doc = index_lib.lookup_tokens(self._token_doc, ids).astype(np.int32, copy=False)
+    vocab = index_lib.lookup_tokens(self._token_vocab, ids).astype(np.int32, copy=False)
+    pos = ids.astype(np.int64)
     return RetrievedTokens(scores=scores, token_pos=pos, doc_idx=doc, vocab_ids=vocab)
 
   def _embeddings(self):
