@@ -42,17 +42,14 @@ import shutil
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # single thread everywhere, before numpy / jax are imported
-  for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import _one_core  # pylint: disable=g-import-not-at-top
+  _one_core.single_thread_env()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _minilm_encode  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from xtr_jax import index as index_lib  # noqa: E402
