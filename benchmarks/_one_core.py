@@ -13,3 +13,8 @@ def single_thread_env() -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pin_to_one_core() -> None:
+  """Run the rest of this process on one CPU core (the lowest-numbered it may use)."""
+  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})

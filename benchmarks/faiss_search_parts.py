@@ -29,8 +29,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _one_core  # noqa: E402  pylint: disable=g-import-not-at-top
 if __name__ == "__main__":  # single thread everywhere, before numpy / jax are imported
-  import _one_core  # pylint: disable=g-import-not-at-top
   _one_core.single_thread_env()
 
 import numpy as np  # noqa: E402
@@ -122,6 +122,7 @@ def main() -> None:
     perm = np.argsort(assign[:, 0], kind="stable")
     ordered.add(emb[perm])
     faiss.omp_set_num_threads(1)
+  _one_core.pin_to_one_core()  # timings from here on, as retrieval_bench
   head = f"{'k_prime':>7s} {'lists':>5s} {'factor':>6s} {'coarse':>7s} {'scan':>7s} {'collect':>7s} {'refine':>7s} " \
          f"{'padded':>7s} {'score':>7s} {'total':>7s}"
   print(head + ("  | numpy coarse, numpy refine" if args.alternatives else "") +

@@ -43,8 +43,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _one_core  # noqa: E402  pylint: disable=g-import-not-at-top
 if __name__ == "__main__":  # single thread everywhere, before numpy / jax are imported
-  import _one_core  # pylint: disable=g-import-not-at-top
   _one_core.single_thread_env()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -198,7 +198,7 @@ def main() -> None:
   emb = np.asarray(arrays["embeddings"], np.float32)
   token_doc = arrays["token_doc"]
   t_tokens, n_docs = emb.shape[0], len(arrays["doc_ids"])
-  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core from here on
+  _one_core.pin_to_one_core()  # from here on
   print(f"corpus: {n_docs} docs, {t_tokens} tokens; {len(qids)} queries, {int(q_mask.sum())} query tokens "
         f"(max {n_max}); one CPU core; query batch {args.batch}", flush=True)
   k_primes = [int(k) for k in args.k_primes.split(",")]
