@@ -106,6 +106,13 @@ class XTRRetriever:
     q float32 [N, n, D], q_mask bool [N, n]. token_top_k larger than the corpus is clamped by the index (padding).
     exact=True searches a brute-force index over every token instead of the loaded (approximate) one.
     """
+    scores, ids, doc = self._search_tokens(q, q_mask, token_top_k, exact)
+    vocab = index_lib.lookup_tokens(self._token_vocab, ids).astype(np.int32, copy=False)
+    return RetrievedTokens(scores=scores, token_pos=ids.astype(np.int64), doc_idx=doc, vocab_ids=vocab)
+
+  def _search_tokens(self, q, q_mask, token_top_k: int, exact: bool):
+    """(scores f32, token ids int32, doc_idx int32), each [N, n, k']: what scoring needs and no more (the
+    vocabulary ids and int64 positions of `RetrievedTokens` are two more passes over ~100 MB a batch at k' = 4000)."""
     if exact:
       if self._exact_index is None:
         self._exact_index = index_lib.build_index(np.asarray(self.store.embeddings), backend="bruteforce")
@@ -115,10 +122,7 @@ class XTRRetriever:
     else:
       token_index = self.index
     scores, ids = token_index.search_padded(np.asarray(q, np.float32), q_mask, int(token_top_k))
-    doc = index_lib.lookup_tokens(self._token_doc, ids).astype(np.int32, copy=False)
-    vocab = index_lib.lookup_tokens(self._token_vocab, ids).astype(np.int32, copy=False)
-    pos = ids.astype(np.int64)
-    return RetrievedTokens(scores=scores, token_pos=pos, doc_idx=doc, vocab_ids=vocab)
+    return scores, ids, index_lib.lookup_tokens(self._token_doc, ids).astype(np.int32, copy=False)
 
   def _embeddings(self):
     if self._device_embeddings is None:
@@ -132,16 +136,16 @@ class XTRRetriever:
     if scoring_mode not in SCORINGS:
       raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring_mode!r}")
     n_docs = len(self.store.doc_ids)
-    ret = self.retrieve_tokens(q, q_mask, token_top_k, exact=scoring_mode == "exact")
+    ret_scores, _, ret_docs = self._search_tokens(q, q_mask, token_top_k, scoring_mode == "exact")
     if scoring_mode in ("xtr", "exact"):
-      d, s = scoring.xtr_score(ret.scores, ret.doc_idx, q_mask, k, imputation=imputation, constant=constant,
+      d, s = scoring.xtr_score(ret_scores, ret_docs, q_mask, k, imputation=imputation, constant=constant,
                                num_docs=n_docs)
       return np.asarray(d), np.asarray(s)
     # ColBERT: every retrieved document is a candidate (ordered by XTR score so that a cap keeps the best ones).
-    cap = min(ret.doc_idx.shape[1] * ret.doc_idx.shape[2], n_docs)
+    cap = min(ret_docs.shape[1] * ret_docs.shape[2], n_docs)
     if max_candidates:
       cap = min(cap, int(max_candidates))
-    cand, _ = scoring.xtr_score(ret.scores, ret.doc_idx, q_mask, cap, num_docs=n_docs)
+    cand, _ = scoring.xtr_score(ret_scores, ret_docs, q_mask, cap, num_docs=n_docs)
     d, s = scoring.colbert_rescore(q, q_mask, np.asarray(cand), self._embeddings(), self.store.doc_offsets, k)
     return _pad_k(np.asarray(d), np.asarray(s), k)
 
