@@ -40,7 +40,8 @@ def main() -> None:
   ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "beir",
                                                  "scifact"))
   ap.add_argument("--cache", default="/tmp/xtr_bench_scifact_minilm")
-  ap.add_argument("--specs", nargs="+", default=["IVF4096,PQ128x4fs,Refine(SQ8)", "RR128,IVF4096,PQ128x4fs,Refine(SQ8)"])
+  ap.add_argument("--specs", nargs="+",
+                  default=["IVF4096,PQ128x4fs,Refine(SQ8)", "RR128,IVF4096,PQ128x4fs,Refine(SQ8)"])
   ap.add_argument("--num_queries", type=int, default=100)
   ap.add_argument("--k", type=int, default=100, help="k' (tokens retrieved per query token)")
   ap.add_argument("--nprobes", default="10,15,20,30")

