@@ -103,11 +103,10 @@ def soup(*, models: Sequence[str] = gin.REQUIRED, output_dir: str = gin.REQUIRED
     record["models"].append({"path": path, "model_sha256": other.fingerprint(), "weight": wj})
 
   if init is not None:
-    cfg = first.model.encoder_config
     if os.path.isfile(os.path.join(init, models_lib.CONFIG_FILE)):  # an xtr_jax dir: its tensors as saved
       base = models_lib.load_pretrained(init)
     else:  # a Hugging Face dir: without a head (token_dim=0), never a freshly initialised projection
-      base = models_lib.load_pretrained(init, token_dim=0, scan_layers=cfg.scan_layers)
+      base = models_lib.load_pretrained(init, token_dim=0)
     _same_family(first, base, models[0], init, head=False)
     base_flat = _per_layer(base)
     for key, value in base_flat.items():
@@ -122,6 +121,7 @@ def soup(*, models: Sequence[str] = gin.REQUIRED, output_dir: str = gin.REQUIRED
     record["init"] = {"path": init, "model_sha256": base.fingerprint(), "weight": float(init_weight),
                       "tensors_shared": shared, "tensors_fine_tuned_only": kept}
 
+  # Back to the first model's layout and per-tensor dtypes (the average itself is taken in float32).
   dtypes = {k: v.dtype for k, v in models_lib.flatten_params(first.params).items()}
   layout = network.relayout_layers(avg, scan_layers=first.model.encoder_config.scan_layers)
   params = models_lib.unflatten_params({k: v.astype(dtypes[k]) for k, v in layout.items()})
