@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "scann==1.4.2",
     "faiss-cpu==1.15.1",  # the faiss token-index backend (IVF + 4-bit PQ fast-scan); imported only when used
+    "numba==0.68.1",  # the faiss backend's adaptive-probe refinement kernel (FAISS has no call for given candidates)
     "tensorflow==2.20.0",
     "tensorflow-text==2.20.1",
     "seqio==0.0.20",

@@ -439,7 +439,8 @@ def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path):
   plain = index.build_index(x, backend="faiss", **kw)
   assert plain.params == {"num_leaves": 200, "num_leaves_to_search": 40, "training_sample_size": 5000,
                           "dimensions_per_block": 1, "hash_type": "lut16", "reorder_k": 0, "reorder_dtype": "none",
-                          "reorder_factor": 1.0, "training_threads": 0, "search_threads": 1}
+                          "reorder_factor": 1.0, "probe_gap": 0.0, "min_leaves_to_search": 1,
+                          "training_threads": 0, "search_threads": 1}
   s, i = plain.search(q, 100)
   assert recall(i, exact.search(q, 100)[1]) >= 0.9
   assert 0.01 < err(s, i) < 0.2  # 4-bit PQ scores: approximate, not garbage
@@ -501,6 +502,70 @@ def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path):
     index.build_index(x, backend="faiss", hash_type="lut64", **kw)
 
 
+def test_faiss_adaptive_probe_equals_numpy_reference(data, tmp_path):
+  import faiss  # pylint: disable=g-import-not-at-top
+  x, q = data
+  x = x[:3000]
+  kw = dict(num_leaves=60, num_leaves_to_search=12, training_sample_size=3000)
+  # Every list within the gap and min = the most probed: the adaptive path is FAISS's fixed probe, refinement and all.
+  for reorder in ({}, {"reorder_k": 1, "reorder_dtype": "int8", "reorder_factor": 1.5},
+                  {"reorder_k": 1, "reorder_dtype": "float32", "reorder_factor": 1.5}):
+    fixed = index.build_index(x, backend="faiss", **reorder, **kw)
+    every = index.build_index(x, backend="faiss", probe_gap=10.0, min_leaves_to_search=12, **reorder, **kw)
+    (s0, i0), (s1, i1) = fixed.search(q, 40), every.search(q, 40)
+    np.testing.assert_allclose(s1, s0, atol=1e-5)
+    assert np.mean(i1 == i0) > 0.999, reorder  # (float rounding may swap a near-tie)
+  # NumPy reference for the probe rule: with every probed token refined in float32 (reorder_k >= tokens), the result
+  # is the exact top-k over the tokens of the lists within the gap of each query token's best (at least min of them).
+  idx = index.build_index(x, backend="faiss", probe_gap=0.5, min_leaves_to_search=3, reorder_k=len(x),
+                          reorder_dtype="float32", **kw)
+  ivf = faiss.downcast_index(idx.index.base_index)
+  centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+  home = np.argmax(x @ centroids.T, axis=1)  # the list each token was added to (inner-product assignment)
+  cs = q @ centroids.T
+  order = np.argsort(-cs, axis=1, kind="stable")[:, :12]
+  best = np.take_along_axis(cs, order, 1)
+  probed_counts = []
+  s, i = idx.search(q, 40)
+  for r in range(len(q)):
+    keep = (best[r] >= best[r, 0] - 0.5) | (np.arange(12) < 3)
+    probed_counts.append(int(keep.sum()))
+    cand = np.flatnonzero(np.isin(home, order[r, keep]))
+    sims = x[cand] @ q[r]
+    top = cand[np.argsort(-sims, kind="stable")[:40]]
+    assert set(i[r][i[r] >= 0]) == set(top[:len(i[r][i[r] >= 0])]) and (i[r] >= 0).sum() == min(40, len(cand)), r
+    np.testing.assert_allclose(s[r][:len(top)], np.sort(sims)[::-1][:40], atol=1e-5)
+  assert min(probed_counts) == 3 and max(probed_counts) == 12 and len(set(probed_counts)) > 5  # adaptive
+  # int8 refinement: the scores are the int8 copies' products, the same FAISS's IndexRefine gives its candidates.
+  i8 = index.build_index(x, backend="faiss", probe_gap=0.5, min_leaves_to_search=3, reorder_k=1,
+                         reorder_dtype="int8", reorder_factor=2.0, **kw)
+  s8, t8 = i8.search(q, 40)
+  assert np.abs(s8 - np.take_along_axis(q @ x.T, np.maximum(t8, 0), 1))[t8 >= 0].max() < 0.01
+  assert np.all(np.diff(s8, axis=1)[np.isfinite(s8[:, 1:])] <= 1e-6)
+  # Threads, a smaller leaves_to_search (min lowered to it), save -> load.
+  two = index.build_index(x, backend="faiss", probe_gap=0.5, min_leaves_to_search=3, reorder_k=1,
+                          reorder_dtype="int8", reorder_factor=2.0, search_threads=2, **kw)
+  np.testing.assert_array_equal(two.search(q, 40)[1], t8)
+  s2, t2 = i8.search_with(q, 40, leaves_to_search=2)
+  one_list = i8.search_with(q, 40, leaves_to_search=1)[1]
+  assert np.all((t2 >= 0) == np.isfinite(s2)) and (t2 >= 0).sum() >= (one_list >= 0).sum()
+  i8.save(str(tmp_path / "gap"))
+  back = index.load_index(str(tmp_path / "gap"))
+  assert back.params == i8.params and back.params["probe_gap"] == 0.5
+  np.testing.assert_array_equal(back.search(q, 40)[1], t8)
+  # Bad settings.
+  with pytest.raises(ValueError, match="probe_gap must be >= 0"):
+    index.build_index(x, backend="faiss", probe_gap=-0.1, **kw)
+  with pytest.raises(ValueError, match="probe_gap must be >= 0"):
+    index.build_index(x, backend="faiss", probe_gap=float("nan"), **kw)
+  with pytest.raises(ValueError, match=r"min_leaves_to_search must lie in \[1, num_leaves_to_search=12\]"):
+    index.build_index(x, backend="faiss", probe_gap=0.1, min_leaves_to_search=13, **kw)
+  with pytest.raises(ValueError, match="probe_gap > 0 refines with reorder_dtype in"):
+    index.build_index(x, backend="faiss", probe_gap=0.1, reorder_k=1, reorder_dtype="float16", **kw)
+  with pytest.raises(ValueError, match=r"\{'probe_gap': 0.1\} are faiss-backend settings ScaNN does not have"):
+    index.build_index(x, backend="scann", probe_gap=0.1, **kw)
+
+
 def test_faiss_build_settings_mismatch(data):
   x = data[0][:3000]
   try:
@@ -514,6 +579,10 @@ def test_faiss_build_settings_mismatch(data):
                       "xtr_build_index.reorder_dtype = 'int8'", "xtr_build_index.reorder_factor = 2.0"])
     assert mismatch() == {"num_leaves_to_search": (10, 12), "reorder_k": (0, 1), "reorder_dtype": ("none", "int8"),
                           "reorder_factor": (1.0, 2.0)}
+    gin.parse_config(["xtr_build_index.probe_gap = 0.1", "xtr_build_index.min_leaves_to_search = 5"])
+    assert mismatch()["probe_gap"] == (0.0, 0.1) and mismatch()["min_leaves_to_search"] == (1, 5)
+    gin.parse_config(["xtr_build_index.probe_gap = 0.0"])  # off: min_leaves_to_search is unused, not a mismatch
+    assert "probe_gap" not in mismatch() and "min_leaves_to_search" not in mismatch()
     # ScaNN-only settings are no part of a FAISS index; threads never count.
     gin.parse_config(["xtr_build_index.num_leaves_to_search = 10", "xtr_build_index.reorder_k = 0",
                       "xtr_build_index.search_threads = 2", "xtr_build_index.anisotropic_quantization_threshold = 0.2"])

@@ -540,6 +540,8 @@ _SCANN_BUILD_KEYS = ("num_leaves", "num_leaves_to_search", "training_sample_size
 # ScaNN-only settings, refused for the faiss backend when they differ from these (the notebook's / off) values.
 _SCANN_ONLY = {"anisotropic_quantization_threshold": 0.1, "spherical": False, "paired_dims": 0, "center": False,
                "soar_lambda": 0.0}
+# faiss-only settings (the adaptive probe), refused for ScaNN when they differ from these (off) values.
+_FAISS_ONLY = {"probe_gap": 0.0, "min_leaves_to_search": 1}
 
 
 @gin.configurable("xtr_build_index", denylist=["embeddings", "identity"])
@@ -549,7 +551,8 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
                 anisotropic_quantization_threshold: float = 0.1, hash_type: str = "lut16", reorder_k: int = 0,
                 reorder_dtype: str = "float32", reorder_factor: float = 1.0,
                 spherical: bool = False, training_threads: int = 0, paired_dims: int = 0, center: bool = False,
-                soar_lambda: float = 0.0, overretrieve_factor: float = 2.0, search_threads: int = 1,
+                soar_lambda: float = 0.0, overretrieve_factor: float = 2.0, probe_gap: float = 0.0,
+                min_leaves_to_search: int = 1, search_threads: int = 1,
                 chunk_size: int = 65536, query_batch: int = 1024) -> TokenIndex:
   """Builds a token index over `embeddings` float16/float32 [T, D] (row t = global token id t).
 
@@ -570,8 +573,10 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
   training_sample_size tokens, num_leaves_to_search probed, PQ with dimensions_per_block dims per code (hash_type
   lut16: 4-bit fast-scan, lut256: 8-bit), reorder_* as above through FAISS's IndexRefine; the ScaNN-only settings
   (anisotropic threshold, spherical, paired_dims, center, SOAR) must keep their defaults (0.1 is not applied: FAISS's
-  PQ is isotropic). `identity` (model / vocab / dim facts) is stored in the manifest for compatibility checks at load
-  time.
+  PQ is isotropic). FAISS only: `probe_gap` > 0 probes, per query token, those of its num_leaves_to_search nearest
+  lists whose centroid score is within probe_gap of its best list's, at least `min_leaves_to_search` (refinement, if
+  any, in int8 or float32; `faiss_index` docstring); refused for ScaNN. `identity` (model / vocab / dim facts) is
+  stored in the manifest for compatibility checks at load time.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -590,10 +595,15 @@ def build_index(embeddings, *, backend: str = "scann", identity: dict[str, Any] 
     params = faiss_index.params(
         embeddings.shape[0], embeddings.shape[1], num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search,
         training_sample_size=training_sample_size, dimensions_per_block=dimensions_per_block, hash_type=hash_type,
-        reorder_k=reorder_k, reorder_dtype=reorder_dtype, reorder_factor=reorder_factor,
-        training_threads=training_threads, search_threads=search_threads)
+        reorder_k=reorder_k, reorder_dtype=reorder_dtype, reorder_factor=reorder_factor, probe_gap=probe_gap,
+        min_leaves_to_search=min_leaves_to_search, training_threads=training_threads, search_threads=search_threads)
     idx = faiss_index.build(embeddings, params, identity=identity)
   else:
+    given = {"probe_gap": probe_gap, "min_leaves_to_search": min_leaves_to_search}
+    faiss_only = {k: v for k, v in given.items() if v != _FAISS_ONLY[k]}
+    if faiss_only:
+      raise ValueError(f"{faiss_only} are faiss-backend settings ScaNN does not have; leave them at "
+                       f"{ {k: _FAISS_ONLY[k] for k in faiss_only} } or use backend='faiss'")
     t = embeddings.shape[0]
     params = _scann_params(
         t, num_neighbors=num_neighbors, num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search,
