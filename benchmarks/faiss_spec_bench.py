@@ -13,8 +13,14 @@ call on one pinned core (median of --reps, one thread; builds use --build_thread
     python benchmarks/faiss_spec_bench.py --nprobes 10,15,20 --k_factors 1.5,2 --specs \
       "IVF4096,PQ128x4fs,Refine(SQ8)" "IVF2048,PQ128x4fs,Refine(SQ8)" "IVF8192,PQ128x4fs,Refine(SQ8)" ...
 
+    # session 19: the adaptive probe (xtr_build_index.probe_gap) against fixed probes, same index
+    python benchmarks/faiss_spec_bench.py --specs "IVF4096,PQ128x4fs,Refine(SQ8)" --nprobes 10,15,20,30 \
+      --k_factors 1.25,1.5,2 --probe_gaps 0.12,0.15,0.18 --gap_nprobes 40 --min_leaves 5
+
 Timings are the search call alone (no padded layout, no scoring), so they compare specs with each other, not with
-the notebook pipeline (retrieval_bench.py does that).
+the notebook pipeline (retrieval_bench.py does that). `--probe_gaps` adds, per gap, xtr_jax's adaptive probe over the
+same index (`faiss_index.FaissIndex` with probe_gap / min_leaves_to_search: FAISS's coarse search of --gap_nprobes
+lists, the lists beyond the gap skipped, numba refinement), its rows marked "gap=".
 """
 
 from __future__ import annotations
@@ -34,6 +40,21 @@ import numpy as np  # noqa: E402
 import _minilm_encode  # noqa: E402  pylint: disable=g-import-not-at-top
 import retrieval_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from xtr_jax import faiss_index  # noqa: E402
+
+_REFINE_DTYPE = {"SQ8": "int8", "Flat": "float32"}
+
+
+def timed(search, reps: int, num_queries: int):
+  """(median ms/query over reps after one warm-up, the last result's ids)."""
+  search()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    _, ids = search()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times)) / num_queries, ids
+
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +68,10 @@ def main() -> None:
   ap.add_argument("--nprobes", default="10,15,20,30")
   ap.add_argument("--k_factors", default="1.25,1.5", help="refinement candidates per k' (specs with Refine only)")
   ap.add_argument("--implems", default="0", help="IndexIVFFastScan.implem values (fast-scan specs; 0 = FAISS picks)")
+  ap.add_argument("--probe_gaps", default="", help="adaptive-probe gaps to time as well (IVF fast-scan specs with no "
+                  "refinement, Refine(SQ8) or Refine(Flat)); empty: none")
+  ap.add_argument("--gap_nprobes", default="40", help="most lists an adaptive-probe token may probe")
+  ap.add_argument("--min_leaves", type=int, default=5, help="fewest lists an adaptive-probe token probes")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--training_sample", type=int, default=250000)
   ap.add_argument("--build_threads", type=int, default=2)
@@ -89,16 +114,24 @@ def main() -> None:
           if refine:  # FAISS takes int(k * k_factor) candidates; +0.5 / k keeps float rounding from losing one
             params = faiss.IndexRefineSearchParameters(k_factor=(np.ceil(factor * args.k) + 0.5) / args.k,
                                                        base_index_params=params)
-          index.search(flat, args.k, params=params)  # warm-up
-          times = []
-          for _ in range(args.reps):
-            t0 = time.perf_counter()
-            _, ids = index.search(flat, args.k, params=params)
-            times.append(time.perf_counter() - t0)
-          ms = 1e3 * float(np.median(times)) / args.num_queries
+          ms, ids = timed(lambda: index.search(flat, args.k, params=params), args.reps, args.num_queries)
           recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, gt)])
           print(f"{spec:42s} {build_s:7.0f} {'-' if implem is None else implem:>6} {nprobe:5d} {factor:6.2f} "
                 f"{ms:8.2f} {recall:6.3f}", flush=True)
+    refine_code = spec.split("Refine(")[1].rstrip(")") if refine else None
+    if args.probe_gaps and fast_scan and (not refine or refine_code in _REFINE_DTYPE):
+      for gap in (float(x) for x in args.probe_gaps.split(",")):
+        for nprobe in (int(x) for x in args.gap_nprobes.split(",")):
+          for factor in ([float(x) for x in args.k_factors.split(",")] if refine else [1.0]):
+            p = {"num_leaves": ivf.nlist, "num_leaves_to_search": nprobe, "reorder_k": int(refine),
+                 "reorder_dtype": _REFINE_DTYPE[refine_code] if refine else "none", "reorder_factor": factor,
+                 "probe_gap": gap, "min_leaves_to_search": min(args.min_leaves, nprobe), "search_threads": 1}
+            adaptive = faiss_index.FaissIndex(index, num_tokens=emb.shape[0], dim=emb.shape[1], params=p)
+            ms, ids = timed(lambda: adaptive.search(flat, args.k), args.reps, args.num_queries)
+            recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, gt)])
+            label = f"{spec} gap={gap:g} min={p['min_leaves_to_search']}"
+            print(f"{label:42s} {build_s:7.0f} {'-':>6} {nprobe:5d} {factor:6.2f} {ms:8.2f} {recall:6.3f}",
+                  flush=True)
     del index
 
 

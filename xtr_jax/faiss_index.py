@@ -182,10 +182,12 @@ class FaissIndex(index_lib.TokenIndex):
     if refine is None:
       return scores, ids
     codes, w, b = self._refine_affine(q)
+    if threads <= 1:  # (the serial kernel: no threading layer, safe to call from several Python threads at once)
+      return _rescore_serial(codes, ids, w, b, k)
     before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-      return _rescore(codes, ids, w, b, k)
+      return _rescore_parallel(codes, ids, w, b, k)
     finally:
       numba.set_num_threads(before)
 
@@ -213,8 +215,7 @@ class FaissIndex(index_lib.TokenIndex):
     return [FILE]
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _rescore(codes, cand, w, b, k):  # pragma: no cover  (numba-compiled; tested through FaissIndex.search)
+def _rescore(codes, cand, w, b, k):
   """Best k of each row's candidates rescored as w[i] . codes[t] + b[i]: codes uint8 or float32 [T, D], cand int64
   [N, C] (-1: none), w float32 [N, D], b float32 [N] -> (scores float32 [N, k], ids int64 [N, k]), ties in candidate
   order, missing entries -inf / -1. Random reads of C code rows per query token, as FAISS's IndexRefine does."""
@@ -241,6 +242,12 @@ def _rescore(codes, cand, w, b, k):  # pragma: no cover  (numba-compiled; tested
       out_s[i, j] = -s[o]
       out_i[i, j] = cand[i, o]
   return out_s, out_i
+
+
+# fastmath: the dot products may be summed in any order (SIMD); scores then differ from FAISS's in the last bits.
+_rescore_serial = numba.njit(fastmath=True, cache=True)(_rescore)  # prange runs as range
+# (not cached: numba's cache may not tell two compilations of one function apart by their flags)
+_rescore_parallel = numba.njit(parallel=True, fastmath=True)(_rescore)
 
 
 def build(embeddings: np.ndarray, p: dict[str, Any], *, identity: dict[str, Any] | None = None) -> FaissIndex:
