@@ -16,9 +16,13 @@ and, with --alternatives, two ways of doing FAISS's own parts in NumPy that were
 coarse step as one matmul + argpartition feeding `search_preassigned`, and the refinement as a gather of int8 codes
 + dot products; with --list_order, the refinement of a second index holding the same tokens added in inverted-list
 order (so that the refinement codes of one list are contiguous in memory, ids mapped back through the permutation),
-timed interleaved with the first. Same core, same queries, medians of --reps:
+timed interleaved with the first. With --probe_gap G, every setting is searched with the adaptive probe instead
+(`xtr_build_index.probe_gap`: lists probed = the setting's at most, those within G of the best, at least
+--min_leaves): `scan` is then the whole base search for k' x factor candidates minus `coarse` (its top-k collection
+included, `collect` left empty) and `refine` the numba refinement. Same core, same queries, medians of --reps:
 
     python benchmarks/faiss_search_parts.py --alternatives --list_order
+    python benchmarks/faiss_search_parts.py --probe_gap 0.15 --min_leaves 5 --settings 100:20:1.5,100:30:1.5
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ def main() -> None:
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--build_threads", type=int, default=2)
   ap.add_argument("--alternatives", action="store_true", help="also time the NumPy coarse step and refinement")
+  ap.add_argument("--probe_gap", type=float, default=0.0, help="> 0: split the adaptive probe's search instead")
+  ap.add_argument("--min_leaves", type=int, default=5, help="the adaptive probe's min_leaves_to_search")
   ap.add_argument("--list_order", action="store_true",
                   help="also time refinement on an index whose token ids follow the inverted lists")
   args = ap.parse_args()
@@ -97,8 +103,8 @@ def main() -> None:
   nq = args.num_queries
   params = faiss_index.params(len(emb), emb.shape[1], num_leaves=4096, num_leaves_to_search=20,
                               training_sample_size=250000, dimensions_per_block=1, hash_type="lut16", reorder_k=1,
-                              reorder_dtype="int8", reorder_factor=1.25, training_threads=args.build_threads,
-                              search_threads=1)
+                              reorder_dtype="int8", reorder_factor=1.25, probe_gap=0.0, min_leaves_to_search=1,
+                              training_threads=args.build_threads, search_threads=1)
   t0 = time.perf_counter()
   refined = faiss_index.build(emb, params)
   print(f"{len(emb)} tokens, {len(flat)} query tokens of {nq} queries; IVF4096,PQ128x4fs,Refine(SQ8) built in "
@@ -134,6 +140,22 @@ def main() -> None:
     ivf_params = faiss.SearchParametersIVF(nprobe=lists)
     ms = lambda fn: _median_ms(fn, args.reps, nq)  # noqa: E731
     coarse = ms(lambda: quantizer.search(flat, lists))
+    if args.probe_gap:
+      gap = {"probe_gap": args.probe_gap, "min_leaves_to_search": min(args.min_leaves, lists),
+             "num_leaves_to_search": lists}
+      unrefined = faiss_index.FaissIndex(base, num_tokens=len(emb), dim=emb.shape[1],
+                                         params={**plain.params, **gap})
+      base_kk = ms(lambda: unrefined.search(flat, kk))
+      idx = faiss_index.FaissIndex(refined.index, num_tokens=len(emb), dim=emb.shape[1],
+                                   params={**params, **gap, "reorder_factor": factor}) if factor > 1 else unrefined
+      full = ms(lambda: idx.search(flat, k))
+      padded = ms(lambda: index_lib.lookup_tokens(token_doc, idx.search_padded(q, q_mask, k)[1]))
+      s, t = idx.search_padded(q, q_mask, k)
+      score = ms(lambda: np.asarray(scoring.xtr_score(s, index_lib.lookup_tokens(token_doc, t), q_mask, 10,
+                                                      num_docs=len(docs))[0]))
+      print(f"{k:7d} {lists:5d} {factor:6.2f} {coarse:7.3f} {base_kk - coarse:7.3f} {'':>7s} {full - base_kk:7.3f} "
+            f"{padded - full:7.3f} {score:7.3f} {padded + score:7.3f}  (gap {args.probe_gap:g})", flush=True)
+      continue
     scan = ms(lambda: base.search(flat, 1, params=ivf_params))
     base_kk = ms(lambda: base.search(flat, kk, params=ivf_params))
     idx = plain

@@ -3,6 +3,8 @@
     build_index(embeddings, backend="faiss", num_leaves=4096, num_leaves_to_search=70)   # k' ~ 1000
     build_index(embeddings, backend="faiss", num_leaves=4096, num_leaves_to_search=20,   # k' ~ 100
                 reorder_k=1, reorder_dtype="int8", reorder_factor=1.5)      # gin: xtr_build_index.*
+    build_index(embeddings, backend="faiss", num_leaves=4096, num_leaves_to_search=20,   # k' ~ 100, adaptive
+                reorder_k=1, reorder_dtype="int8", reorder_factor=1.5, probe_gap=0.15, min_leaves_to_search=5)
 
 Why a second approximate backend: at the notebook's ranking quality it is the faster token search on one CPU core
 here. On SciFact (1.69M MiniLM tokens) it reached ~9-10x the notebook pipeline's speed at k' = 100, 1000 and 4000 where
@@ -24,10 +26,12 @@ ScaNN's. Saved with `faiss.write_index` (FAISS's own binary format: no pickles),
 `probe_gap` > 0 makes the number of lists probed adaptive, per query token: of its `num_leaves_to_search` nearest
 lists, only those whose centroid score is within `probe_gap` of its best list's are scanned (never fewer than
 `min_leaves_to_search`). A token whose best list stands out has its neighbours there; one whose lists score alike
-needs many. On SciFact's MiniLM tokens at k' = 100 this reaches a fixed probe's token recall in ~15% less search time
-(README, Benchmarks: the adaptive-probe row). The coarse step is FAISS's own quantizer search, the scan FAISS's
-`search_preassigned` (lists marked -1 are skipped), and the refinement a numba kernel over FAISS's stored codes
-(int8 or float32; FAISS has no refinement call for given candidates), equal to `IndexRefine`'s to float rounding.
+needs many. On SciFact's MiniLM tokens at k' = 100 this reaches a fixed probe's token recall in 9-17% less search
+time (README, Benchmarks: the adaptive-probe row); at k' >= 1000, where most tokens need many lists anyway, it was
+not faster than a fixed probe at the notebook's ranking quality. The coarse step is FAISS's own quantizer search, the
+scan FAISS's `search_preassigned` (lists marked -1 are skipped), and the refinement a numba kernel over FAISS's
+stored codes (int8 or float32; FAISS has no refinement call for given candidates), equal to `IndexRefine`'s to float
+rounding.
 """
 
 from __future__ import annotations
