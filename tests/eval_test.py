@@ -244,6 +244,11 @@ def test_faiss_index_backend(tmp_path, scifact_subset, model_dir):
     _cli(model_dir, scifact_subset, tmp_path / "refined", *common, "--gin.xtr_build_index.reorder_k=1",
          "--gin.xtr_build_index.reorder_dtype='int8'")
   assert not (tmp_path / "refined").exists()
+  with pytest.raises(ValueError, match=r"built with other settings \(probe_gap: index 0.0, configured 0.2, "
+                                       r"min_leaves_to_search: index 1, configured 3"):
+    _cli(model_dir, scifact_subset, tmp_path / "adaptive", *common, "--gin.xtr_build_index.probe_gap=0.2",
+         "--gin.xtr_build_index.min_leaves_to_search=3")
+  assert not (tmp_path / "adaptive").exists()
 
 
 def test_self_hits_dropped(tmp_path, model_dir):

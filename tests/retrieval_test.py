@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -113,5 +114,15 @@ def test_faiss_probing_every_list_with_exact_refinement_equals_bruteforce(export
   assert approx.index.backend == "faiss"
   want_d, want_s = brute.search_indices(QUERIES, k=10, token_top_k=12)
   got_d, got_s = approx.search_indices(QUERIES, k=10, token_top_k=12)
+  np.testing.assert_array_equal(got_d, want_d)
+  np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+  # The adaptive probe behind XTRRetriever: a gap of 2 (inner products of unit vectors differ by at most 2) keeps
+  # every list, so its own refinement must give the same.
+  shutil.rmtree(os.path.join(store, export.INDEX_SUBDIR))
+  export.build_store_index(store, backend="faiss", num_leaves=8, num_leaves_to_search=8, reorder_k=num_tokens,
+                           reorder_dtype="float32", probe_gap=2.0, min_leaves_to_search=2)
+  adaptive = retrieval.XTRRetriever.load(enc, store)
+  assert adaptive.index.params["probe_gap"] == 2.0
+  got_d, got_s = adaptive.search_indices(QUERIES, k=10, token_top_k=12)
   np.testing.assert_array_equal(got_d, want_d)
   np.testing.assert_allclose(got_s, want_s, atol=1e-5)
