@@ -14,8 +14,8 @@ call on one pinned core (median of --reps, one thread; builds use --build_thread
       "IVF4096,PQ128x4fs,Refine(SQ8)" "IVF2048,PQ128x4fs,Refine(SQ8)" "IVF8192,PQ128x4fs,Refine(SQ8)" ...
 
     # session 19: the adaptive probe (xtr_build_index.probe_gap) against fixed probes, same index
-    python benchmarks/faiss_spec_bench.py --specs "IVF4096,PQ128x4fs,Refine(SQ8)" --nprobes 10,15,20,30 \
-      --k_factors 1.25,1.5,2 --probe_gaps 0.12,0.15,0.18 --gap_nprobes 40 --min_leaves 5
+    python benchmarks/faiss_spec_bench.py --specs "IVF4096,PQ128x4fs,Refine(SQ8)" --nprobes 8,10,15,20,30 \
+      --k_factors 1.25,1.5,2 --probe_gaps 0.08,0.1,0.12,0.15,0.18 --gap_nprobes 20,30,40 --min_leaves 5
 
 Timings are the search call alone (no padded layout, no scoring), so they compare specs with each other, not with
 the notebook pipeline (retrieval_bench.py does that). `--probe_gaps` adds, per gap, xtr_jax's adaptive probe over the
@@ -120,6 +120,7 @@ def main() -> None:
                 f"{ms:8.2f} {recall:6.3f}", flush=True)
     refine_code = spec.split("Refine(")[1].rstrip(")") if refine else None
     if args.probe_gaps and fast_scan and (not refine or refine_code in _REFINE_DTYPE):
+      ivf.implem = 0  # FAISS's own choice, as xtr_jax searches
       for gap in (float(x) for x in args.probe_gaps.split(",")):
         for nprobe in (int(x) for x in args.gap_nprobes.split(",")):
           for factor in ([float(x) for x in args.k_factors.split(",")] if refine else [1.0]):
