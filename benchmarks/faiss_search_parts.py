@@ -140,36 +140,32 @@ def main() -> None:
     ivf_params = faiss.SearchParametersIVF(nprobe=lists)
     ms = lambda fn: _median_ms(fn, args.reps, nq)  # noqa: E731
     coarse = ms(lambda: quantizer.search(flat, lists))
-    if args.probe_gap:
+    if args.probe_gap:  # the adaptive probe: FaissIndex's own path, refined or not
       gap = {"probe_gap": args.probe_gap, "min_leaves_to_search": min(args.min_leaves, lists),
              "num_leaves_to_search": lists}
-      unrefined = faiss_index.FaissIndex(base, num_tokens=len(emb), dim=emb.shape[1],
-                                         params={**plain.params, **gap})
-      base_kk = ms(lambda: unrefined.search(flat, kk))
-      idx = faiss_index.FaissIndex(refined.index, num_tokens=len(emb), dim=emb.shape[1],
-                                   params={**params, **gap, "reorder_factor": factor}) if factor > 1 else unrefined
-      full = ms(lambda: idx.search(flat, k))
-      padded = ms(lambda: index_lib.lookup_tokens(token_doc, idx.search_padded(q, q_mask, k)[1]))
-      s, t = idx.search_padded(q, q_mask, k)
-      score = ms(lambda: np.asarray(scoring.xtr_score(s, index_lib.lookup_tokens(token_doc, t), q_mask, 10,
-                                                      num_docs=len(docs))[0]))
-      print(f"{k:7d} {lists:5d} {factor:6.2f} {coarse:7.3f} {base_kk - coarse:7.3f} {'':>7s} {full - base_kk:7.3f} "
-            f"{padded - full:7.3f} {score:7.3f} {padded + score:7.3f}  (gap {args.probe_gap:g})", flush=True)
-      continue
-    scan = ms(lambda: base.search(flat, 1, params=ivf_params))
-    base_kk = ms(lambda: base.search(flat, kk, params=ivf_params))
-    idx = plain
+      idx = faiss_index.FaissIndex(base, num_tokens=len(emb), dim=emb.shape[1], params={**plain.params, **gap})
+      scan = None  # the base search's scan and top-k collection are not separable here
+      base_kk = ms(lambda: idx.search(flat, kk))
+    else:
+      idx = plain
+      scan = ms(lambda: base.search(flat, 1, params=ivf_params))
+      base_kk = ms(lambda: base.search(flat, kk, params=ivf_params))
     full = base_kk
     if factor > 1:
-      p = {**params, "reorder_factor": factor, "num_leaves_to_search": lists}
+      p = {**params, **(gap if args.probe_gap else {}), "reorder_factor": factor, "num_leaves_to_search": lists}
       idx = faiss_index.FaissIndex(refined.index, num_tokens=len(emb), dim=emb.shape[1], params=p)
       full = ms(lambda: idx.search(flat, k))
     padded = ms(lambda: index_lib.lookup_tokens(token_doc, idx.search_padded(q, q_mask, k, leaves_to_search=lists)[1]))
     s, t = idx.search_padded(q, q_mask, k, leaves_to_search=lists)
     d = index_lib.lookup_tokens(token_doc, t)
     score = ms(lambda: np.asarray(scoring.xtr_score(s, d, q_mask, 10, num_docs=len(docs))[0]))
-    row = (f"{k:7d} {lists:5d} {factor:6.2f} {coarse:7.3f} {scan - coarse:7.3f} {base_kk - scan:7.3f} "
+    scan_cols = (f"{scan - coarse:7.3f} {base_kk - scan:7.3f}" if scan is not None else
+                 f"{base_kk - coarse:7.3f} {'':>7s}")
+    row = (f"{k:7d} {lists:5d} {factor:6.2f} {coarse:7.3f} {scan_cols} "
            f"{full - base_kk:7.3f} {padded - full:7.3f} {score:7.3f} {padded + score:7.3f}")
+    if args.probe_gap:
+      print(row + f"  (gap {args.probe_gap:g})", flush=True)
+      continue
     if args.alternatives:
       base.nprobe = lists  # search_preassigned takes nprobe from the index, not from search parameters
       dq, iq = numpy_coarse(flat, centroids, lists)

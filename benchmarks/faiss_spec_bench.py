@@ -89,6 +89,7 @@ def main() -> None:
   flat = np.ascontiguousarray(q[q_mask], np.float32)
   print(f"{emb.shape[0]} tokens; {len(flat)} query tokens of {args.num_queries} queries; k'={args.k}; ms/query: "
         f"FAISS search call, one pinned core, median of {args.reps}", flush=True)
+  recall = lambda ids: np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, gt)])  # noqa: E731
   sample = emb[np.random.default_rng(0).choice(len(emb), min(args.training_sample, len(emb)), replace=False)]
   print(f"{'spec':42s} {'build s':>7s} {'implem':>6s} {'lists':>5s} {'factor':>6s} {'ms/query':>8s} {'recall':>6s}")
   cores = os.sched_getaffinity(0)
@@ -115,9 +116,8 @@ def main() -> None:
             params = faiss.IndexRefineSearchParameters(k_factor=(np.ceil(factor * args.k) + 0.5) / args.k,
                                                        base_index_params=params)
           ms, ids = timed(lambda: index.search(flat, args.k, params=params), args.reps, args.num_queries)
-          recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, gt)])
           print(f"{spec:42s} {build_s:7.0f} {'-' if implem is None else implem:>6} {nprobe:5d} {factor:6.2f} "
-                f"{ms:8.2f} {recall:6.3f}", flush=True)
+                f"{ms:8.2f} {recall(ids):6.3f}", flush=True)
     refine_code = spec.split("Refine(")[1].rstrip(")") if refine else None
     if args.probe_gaps and fast_scan and (not refine or refine_code in _REFINE_DTYPE):
       ivf.implem = 0  # FAISS's own choice, as xtr_jax searches
@@ -129,9 +129,8 @@ def main() -> None:
                  "probe_gap": gap, "min_leaves_to_search": min(args.min_leaves, nprobe), "search_threads": 1}
             adaptive = faiss_index.FaissIndex(index, num_tokens=emb.shape[0], dim=emb.shape[1], params=p)
             ms, ids = timed(lambda: adaptive.search(flat, args.k), args.reps, args.num_queries)
-            recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, gt)])
             label = f"{spec} gap={gap:g} min={p['min_leaves_to_search']}"
-            print(f"{label:42s} {build_s:7.0f} {'-':>6} {nprobe:5d} {factor:6.2f} {ms:8.2f} {recall:6.3f}",
+            print(f"{label:42s} {build_s:7.0f} {'-':>6} {nprobe:5d} {factor:6.2f} {ms:8.2f} {recall(ids):6.3f}",
                   flush=True)
     del index
 

@@ -144,19 +144,18 @@ class FaissIndex(index_lib.TokenIndex):
       return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     faiss = _faiss()
     probe = min(int(leaves_to_search or self.params["num_leaves_to_search"]), self.params["num_leaves"])
+    q = np.ascontiguousarray(q, np.float32)
     if self.params.get("probe_gap", 0.0):
-      scores, ids = self._gap_search(np.ascontiguousarray(q, np.float32), k, probe)
-      np.putmask(scores, ids < 0, -np.inf)
-      return scores, ids.astype(np.int32)
-    search_params = faiss.SearchParametersIVF(nprobe=probe)
-    if self.params["reorder_k"]:
-      candidates = self._candidates(k)
-      # IndexRefine asks its base index for int(k * k_factor) candidates; the +0.5 keeps float rounding from
-      # losing one.
-      search_params = faiss.IndexRefineSearchParameters(k_factor=(candidates + 0.5) / k,
-                                                        base_index_params=search_params)
-    with _omp_threads(int(self.params.get("search_threads", 1))):
-      scores, ids = self.index.search(np.ascontiguousarray(q, np.float32), k, params=search_params)
+      scores, ids = self._gap_search(q, k, probe)
+    else:
+      search_params = faiss.SearchParametersIVF(nprobe=probe)
+      if self.params["reorder_k"]:
+        # IndexRefine asks its base index for int(k * k_factor) candidates; the +0.5 keeps float rounding from
+        # losing one.
+        search_params = faiss.IndexRefineSearchParameters(k_factor=(self._candidates(k) + 0.5) / k,
+                                                          base_index_params=search_params)
+      with _omp_threads(int(self.params.get("search_threads", 1))):
+        scores, ids = self.index.search(q, k, params=search_params)
     # Fewer than k tokens in the probed lists: FAISS pads with id -1 and score -FLT_MAX. Fixed in place (FAISS's
     # output arrays are fresh; at k' = 4000 they are ~40 MB a batch).
     np.putmask(scores, ids < 0, -np.inf)
