@@ -16,12 +16,14 @@ and, with --alternatives, two ways of doing FAISS's own parts in NumPy that were
 coarse step as one matmul + argpartition feeding `search_preassigned`, and the refinement as a gather of int8 codes
 + dot products; with --list_order, the refinement of a second index holding the same tokens added in inverted-list
 order (so that the refinement codes of one list are contiguous in memory, ids mapped back through the permutation),
-timed interleaved with the first. With --probe_gap G, every setting is searched with the adaptive probe instead
+timed interleaved with the first; with --vs_index_refine, FAISS's own `IndexRefine` search against
+`FaissIndex.search` (the same coarse step and scan, then `faiss_kernels`' refinement), interleaved. With --probe_gap G, every setting is searched with the adaptive probe instead
 (`xtr_build_index.probe_gap`: lists probed = the setting's at most, those within G of the best, at least
 --min_leaves): `scan` is then the whole base search for k' x factor candidates minus `coarse` (its top-k collection
 included, `collect` left empty) and `refine` the numba refinement. Same core, same queries, medians of --reps:
 
     python benchmarks/faiss_search_parts.py --alternatives --list_order
+    python benchmarks/faiss_search_parts.py --vs_index_refine --settings 100:15:1.5,100:20:1.5,100:20:1.25
     python benchmarks/faiss_search_parts.py --probe_gap 0.15 --min_leaves 5 --settings 100:20:1.5,100:30:1.5
 """
 
@@ -91,6 +93,9 @@ def main() -> None:
   ap.add_argument("--min_leaves", type=int, default=5, help="the adaptive probe's min_leaves_to_search")
   ap.add_argument("--list_order", action="store_true",
                   help="also time refinement on an index whose token ids follow the inverted lists")
+  ap.add_argument("--vs_index_refine", action="store_true",
+                  help="also time FAISS's own IndexRefine search against FaissIndex.search (xtr_jax's refinement "
+                       "kernel), interleaved, for the rows with a refinement factor > 1")
   args = ap.parse_args()
   import faiss  # pylint: disable=g-import-not-at-top
 
@@ -178,6 +183,18 @@ def main() -> None:
             k_factor=(kk + 0.5) / k, base_index_params=ivf_params))[1]
         agree = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(got, want)])
         row += f" {ms(lambda: numpy_refine(flat, cand, codes, vmin, vdiff, k)):7.3f} (same ids {agree:.3f})"
+    if args.vs_index_refine and factor > 1 and not args.probe_gap:
+      rp = faiss.IndexRefineSearchParameters(k_factor=(kk + 0.5) / k, base_index_params=ivf_params)
+      runs = {"faiss": lambda: refined.index.search(flat, k, params=rp), "ours": lambda: idx.search(flat, k)}
+      times = {name: [] for name in runs}
+      for rep in range(2 * args.reps + 1):  # the first round warms up
+        for name, fn in runs.items():
+          t0 = time.perf_counter()
+          fn()
+          times[name].append(time.perf_counter() - t0)
+      med = {name: 1e3 * float(np.median(v[1:])) / nq for name, v in times.items()}
+      agree = np.mean(runs["faiss"]()[1] == idx.search(flat, k)[1])
+      row += f"  | IndexRefine {med['faiss']:.3f} vs ours {med['ours']:.3f} (same ids {agree:.4f})"
     if args.list_order and factor > 1:
       rp = faiss.IndexRefineSearchParameters(k_factor=(kk + 0.5) / k, base_index_params=ivf_params)
       times: dict[str, list[float]] = {"a": [], "b": [], "a_base": [], "b_base": []}

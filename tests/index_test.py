@@ -10,6 +10,7 @@ import gin
 import numpy as np
 import pytest
 
+from xtr_jax import faiss_kernels
 from xtr_jax import index
 
 
@@ -143,6 +144,10 @@ def test_bad_inputs(data):
     index.build_index(x.astype(np.float64), backend="bruteforce")
   with pytest.raises(ValueError, match="k must be"):
     idx.search(q, 0)
+  bad = q.copy()
+  bad[3, 5], bad[7, 0] = np.nan, np.inf
+  with pytest.raises(ValueError, match=r"2 of 40 query rows hold NaN or inf \(first: row 3, \[nan\]\)"):
+    idx.search(bad, 5)
   with pytest.raises(FileNotFoundError, match="token_index.json"):
     index.load_index("/nonexistent_dir")
 
@@ -429,7 +434,7 @@ def test_build_settings_mismatch_names_each_differing_setting(data):
     gin.clear_config()
 
 
-def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path):
+def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path, monkeypatch):
   x, q = data
   exact = index.build_index(x, backend="bruteforce")
   recall = lambda got, want: np.mean([len(set(a) & set(b)) / want.shape[1] for a, b in zip(got, want)])  # noqa
@@ -454,7 +459,8 @@ def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path):
     assert err(s, i) < tol, (dtype, err(s, i))
     # at small k the 4-bit PQ mis-orders near-ties; refining 300 candidates restores recall
     assert recall(i, exact.search(q, 10)[1]) >= 0.9, dtype
-  # How many PQ candidates are refined: max(reorder_k, ceil(reorder_factor x k)), as for ScaNN.
+  # How many PQ candidates are refined: max(reorder_k, ceil(reorder_factor x k)), as for ScaNN; through FAISS's
+  # IndexRefine (16-bit codes) and through xtr_jax's own refinement (int8 / float32) alike.
   calls = []
 
   class Recorder:
@@ -465,14 +471,23 @@ def test_faiss_fast_scan_recall_refinement_and_settings(data, tmp_path):
       calls.append(int(k * params.k_factor))
       return self.inner.search(queries, k, params=params)
 
-  idx.index = Recorder(idx.index)
-  idx.params["reorder_k"] = 1
-  idx.search(q, 100)
-  idx.params["reorder_k"] = 500
-  idx.search(q, 100)
-  idx.params.update(reorder_k=1, reorder_factor=1.5)
-  idx.search(q, 7)
-  assert calls == [200, 500, 11]
+  def recording(kernel):
+    def run(codes, cand, w, b, k):
+      calls.append(cand.shape[1])
+      return kernel(codes, cand, w, b, k)
+    return run
+
+  monkeypatch.setattr(faiss_kernels, "rescore_serial", recording(faiss_kernels.rescore_serial))
+  half = index.build_index(x, backend="faiss", reorder_k=300, reorder_dtype="float16", reorder_factor=2.0, **kw)
+  half.index = Recorder(half.index)
+  for searcher in (half, idx):
+    searcher.params.update(reorder_k=1, reorder_factor=2.0)
+    searcher.search(q, 100)
+    searcher.params["reorder_k"] = 500
+    searcher.search(q, 100)
+    searcher.params.update(reorder_k=1, reorder_factor=1.5)
+    searcher.search(q, 7)
+  assert calls == [200, 500, 11] * 2
   # FAISS seeds its k-means: the same settings over the same tokens build the same index.
   again = index.build_index(x, backend="faiss", **kw)
   np.testing.assert_array_equal(again.search(q, 100)[1], plain.search(q, 100)[1])
@@ -507,14 +522,21 @@ def test_faiss_adaptive_probe_equals_numpy_reference(data, tmp_path):
   x, q = data
   x = x[:3000]
   kw = dict(num_leaves=60, num_leaves_to_search=12, training_sample_size=3000)
-  # Every list within the gap and min = the most probed: the adaptive path is FAISS's fixed probe, refinement and all.
+  # xtr_jax runs FAISS's steps itself (coarse search, search_preassigned, its own refinement kernel): a fixed probe
+  # gives what FAISS's own Index.search (IVF, or IndexRefine over it) gives, and so does the adaptive path with every
+  # list within the gap and min = the most probed.
   for reorder in ({}, {"reorder_k": 1, "reorder_dtype": "int8", "reorder_factor": 1.5},
                   {"reorder_k": 1, "reorder_dtype": "float32", "reorder_factor": 1.5}):
     fixed = index.build_index(x, backend="faiss", **reorder, **kw)
     every = index.build_index(x, backend="faiss", probe_gap=10.0, min_leaves_to_search=12, **reorder, **kw)
-    (s0, i0), (s1, i1) = fixed.search(q, 40), every.search(q, 40)
-    np.testing.assert_allclose(s1, s0, atol=1e-5)
-    assert np.mean(i1 == i0) > 0.999, reorder  # (float rounding may swap a near-tie)
+    params = faiss.SearchParametersIVF(nprobe=12)
+    if reorder:
+      params = faiss.IndexRefineSearchParameters(k_factor=60.5 / 40, base_index_params=params)
+    s_faiss, i_faiss = fixed.index.search(q, 40, params=params)
+    for own in (fixed, every):
+      s1, i1 = own.search(q, 40)
+      np.testing.assert_allclose(s1, s_faiss, atol=1e-5)
+      assert np.mean(i1 == i_faiss) > 0.999, reorder  # (float rounding may swap a near-tie)
   # NumPy reference for the probe rule: with every probed token refined in float32 (reorder_k >= tokens), the result
   # is the exact top-k over the tokens of the lists within the gap of each query token's best (at least min of them).
   idx = index.build_index(x, backend="faiss", probe_gap=0.5, min_leaves_to_search=3, reorder_k=len(x),
@@ -591,3 +613,46 @@ def test_faiss_build_settings_mismatch(data):
       index.build_settings_mismatch(idx.backend, idx.params, idx.num_tokens)
   finally:
     gin.clear_config()
+
+
+def test_faiss_refinement_kernel_equals_numpy_reference():
+  """`faiss_kernels.rescore_*` (prefetching, radix-sorted) against a NumPy rescoring with a stable argsort."""
+  rng = np.random.default_rng(7)
+  codes8 = rng.integers(0, 256, (500, 24), dtype=np.uint8)
+  codes8[10:20] = codes8[5]  # identical rows: equal scores, kept in candidate order
+  codes32 = rng.standard_normal((500, 24)).astype(np.float32)
+  codes32[0] = 0.0  # score = b exactly, and -0.0 when w . 0 rounds so: equal keys either way
+  for codes in (codes8, codes32):
+    for c, k in ((40, 25), (40, 40), (10, 25), (300, 100), (1, 1)):
+      cand = rng.integers(0, 500, (30, c)).astype(np.int64)
+      cand[::4, c // 2:] = -1  # missing candidates, mid-row too
+      cand[1::4, :3] = [5, 12, 0][:min(3, c)]
+      cand[2, :] = -1
+      w = rng.standard_normal((30, 24)).astype(np.float32)
+      b = np.where(np.arange(30) % 3 == 0, -0.0, rng.standard_normal(30)).astype(np.float32)
+      got_s, got_i = faiss_kernels.rescore_serial(codes, cand, w, b, k)
+      par_s, par_i = faiss_kernels.rescore_parallel(codes, cand, w, b, k)
+      np.testing.assert_array_equal(par_i, got_i)
+      np.testing.assert_array_equal(par_s, got_s)
+      for r in range(30):
+        valid = cand[r] >= 0
+        sc = np.full(c, -np.inf, np.float32)
+        sc[valid] = codes[cand[r][valid]].astype(np.float32) @ w[r] + b[r]
+        order = np.argsort(-sc, kind="stable")[:k]
+        order = order[np.isfinite(sc[order])]
+        want_i = np.full(k, -1)
+        want_i[:len(order)] = cand[r][order]
+        np.testing.assert_array_equal(got_i[r], want_i, err_msg=f"row {r}, C={c}, k={k}")
+        # (summed in another order: float32 rounding of terms up to |w| x 255)
+        np.testing.assert_allclose(got_s[r][:len(order)], sc[order], atol=1e-6 * np.abs(w[r]).sum() * codes.max())
+        assert np.all(np.isneginf(got_s[r][len(order):]))
+  # The radix sort alone: the stable ascending order of uint32 keys, duplicates and every byte in play.
+  for size in (0, 1, 7, 256, 3000):
+    keys = rng.integers(0, 2 ** 32, size, dtype=np.uint64).astype(np.uint32)
+    keys[::3] = keys[0] if size else keys[::3]
+    keys[1::5] &= np.uint32(0xFF00)
+    np.testing.assert_array_equal(faiss_kernels._stable_order(keys.copy()), np.argsort(keys, kind="stable"))
+  vals = np.array([0.5, -0.0, 0.0, -np.inf, np.inf, -1e-30, 1e-30, 3.0, -3.0], np.float32)
+  keys = np.array([faiss_kernels._descending_key(v) for v in vals], np.uint32)
+  np.testing.assert_array_equal(faiss_kernels._stable_order(keys), np.argsort(-vals, kind="stable"))
+  assert all(faiss_kernels._descending_key(v) < faiss_kernels._LAST for v in vals)

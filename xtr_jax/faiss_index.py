@@ -28,10 +28,13 @@ lists, only those whose centroid score is within `probe_gap` of its best list's 
 `min_leaves_to_search`). A token whose best list stands out has its neighbours there; one whose lists score alike
 needs many. On SciFact's MiniLM tokens at k' = 100 this reaches a fixed probe's token recall in 9-17% less search
 time (README, Benchmarks: the adaptive-probe row); at k' >= 1000, where most tokens need many lists anyway, it was
-not faster than a fixed probe at the notebook's ranking quality. The coarse step is FAISS's own quantizer search, the
-scan FAISS's `search_preassigned` (lists marked -1 are skipped), and the refinement a numba kernel over FAISS's
-stored codes (int8 or float32; FAISS has no refinement call for given candidates), equal to `IndexRefine`'s to float
-rounding.
+not faster than a fixed probe at the notebook's ranking quality.
+
+How a search runs: FAISS's coarse quantizer picks each query token's lists, FAISS's `search_preassigned` scans them
+(lists the adaptive probe drops are marked -1 and skipped), and int8 / float32 refinement is `faiss_kernels`' numba
+kernel over FAISS's stored codes (FAISS has no refinement call for given candidates), whose results equal
+`IndexRefine`'s to float rounding in less time. Indexes with 16-bit refinement codes search with FAISS's
+`Index.search` and take no probe_gap.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from xtr_jax import faiss_kernels
 from xtr_jax import index as index_lib
 
 FILE = "faiss.index"
@@ -53,8 +57,9 @@ _CODE_BITS = {"lut16": 4, "lut256": 8}
 # an evaluation learns how its index searched), so an index is reused only when all of them match.
 BUILD_KEYS = ("num_leaves", "num_leaves_to_search", "training_sample_size", "dimensions_per_block", "hash_type",
               "reorder_k", "reorder_dtype", "reorder_factor", "probe_gap", "min_leaves_to_search")
-# Refinement codes the adaptive probe's own rescoring reads (`_rescore`); FAISS's 16-bit codes it does not.
-_GAP_REFINE = ("int8", "float32")
+# Refinement codes xtr_jax's own rescoring reads (`faiss_kernels.rescore_*`); FAISS's 16-bit codes it does not, so
+# those indexes search with FAISS's `Index.search` and take no probe_gap.
+_OWN_REFINE = ("int8", "float32")
 
 
 def _faiss():
@@ -92,8 +97,8 @@ def params(num_tokens: int, dim: int, *, num_leaves: int, num_leaves_to_search: 
   if not gap >= 0:  # (NaN too)
     raise ValueError(f"probe_gap must be >= 0 (0: every query token probes num_leaves_to_search lists), got "
                      f"{probe_gap}")
-  if gap and int(reorder_k) and reorder_dtype not in _GAP_REFINE:
-    raise ValueError(f"probe_gap > 0 refines with reorder_dtype in {_GAP_REFINE} (or reorder_k=0), got "
+  if gap and int(reorder_k) and reorder_dtype not in _OWN_REFINE:
+    raise ValueError(f"probe_gap > 0 refines with reorder_dtype in {_OWN_REFINE} (or reorder_k=0), got "
                      f"reorder_dtype={reorder_dtype!r}")
   if gap and not 1 <= int(min_leaves_to_search) <= int(num_leaves_to_search):
     raise ValueError(f"min_leaves_to_search must lie in [1, num_leaves_to_search={num_leaves_to_search}] with "
@@ -142,27 +147,30 @@ class FaissIndex(index_lib.TokenIndex):
   def _search(self, q, k, leaves_to_search=None):
     if len(q) == 0:
       return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
-    faiss = _faiss()
     probe = min(int(leaves_to_search or self.params["num_leaves_to_search"]), self.params["num_leaves"])
     q = np.ascontiguousarray(q, np.float32)
-    if self.params.get("probe_gap", 0.0):
-      scores, ids = self._gap_search(q, k, probe)
+    if self.params["reorder_k"] and self.params["reorder_dtype"] not in _OWN_REFINE:
+      scores, ids = self._faiss_search(q, k, probe)
     else:
-      search_params = faiss.SearchParametersIVF(nprobe=probe)
-      if self.params["reorder_k"]:
-        # IndexRefine asks its base index for int(k * k_factor) candidates; the +0.5 keeps float rounding from
-        # losing one.
-        search_params = faiss.IndexRefineSearchParameters(k_factor=(self._candidates(k) + 0.5) / k,
-                                                          base_index_params=search_params)
-      with _omp_threads(int(self.params.get("search_threads", 1))):
-        scores, ids = self.index.search(q, k, params=search_params)
+      scores, ids = self._own_search(q, k, probe)
     # Fewer than k tokens in the probed lists: FAISS pads with id -1 and score -FLT_MAX. Fixed in place (FAISS's
     # output arrays are fresh; at k' = 4000 they are ~40 MB a batch).
     np.putmask(scores, ids < 0, -np.inf)
     return scores, ids.astype(np.int32)
 
-  def _gap_search(self, q: np.ndarray, k: int, probe: int) -> tuple[np.ndarray, np.ndarray]:
-    """The adaptive probe (module docstring): float32 [N, D] -> (scores float32 [N, k], ids int64 [N, k]).
+  def _faiss_search(self, q: np.ndarray, k: int, probe: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's own search (16-bit refinement): float32 [N, D] -> (scores float32 [N, k], ids int64 [N, k])."""
+    faiss = _faiss()
+    search_params = faiss.SearchParametersIVF(nprobe=probe)
+    # IndexRefine asks its base index for int(k * k_factor) candidates; the +0.5 keeps float rounding from losing one.
+    search_params = faiss.IndexRefineSearchParameters(k_factor=(self._candidates(k) + 0.5) / k,
+                                                      base_index_params=search_params)
+    with _omp_threads(int(self.params.get("search_threads", 1))):
+      return self.index.search(q, k, params=search_params)
+
+  def _own_search(self, q: np.ndarray, k: int, probe: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's steps called one by one (module docstring): float32 [N, D] -> (scores float32 [N, k], ids int64
+    [N, k]). The same tokens as FAISS's `Index.search` up to float rounding, plus the adaptive probe.
 
     `probe` is the most lists a token probes (num_leaves_to_search or a sweep's leaves_to_search; a smaller one
     also lowers min_leaves_to_search to it)."""
@@ -174,9 +182,10 @@ class FaissIndex(index_lib.TokenIndex):
     threads = int(self.params.get("search_threads", 1))
     with _omp_threads(threads):
       coarse, lists = ivf.quantizer.search(q, probe)  # best first
-      far = coarse < coarse[:, :1] - np.float32(self.params["probe_gap"])
-      far[:, :min(int(self.params["min_leaves_to_search"]), probe)] = False
-      lists[far] = -1  # FAISS skips these lists
+      if self.params.get("probe_gap", 0.0):
+        far = coarse < coarse[:, :1] - np.float32(self.params["probe_gap"])
+        far[:, :min(int(self.params["min_leaves_to_search"]), probe)] = False
+        lists[far] = -1  # FAISS skips these lists
       scores = np.empty((n, kc), np.float32)
       ids = np.empty((n, kc), np.int64)
       ivf.search_preassigned_c(n, faiss.swig_ptr(q), kc, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
@@ -186,11 +195,11 @@ class FaissIndex(index_lib.TokenIndex):
       return scores, ids
     codes, w, b = self._refine_affine(q)
     if threads <= 1:  # (the serial kernel: no threading layer, safe to call from several Python threads at once)
-      return _rescore_serial(codes, ids, w, b, k)
+      return faiss_kernels.rescore_serial(codes, ids, w, b, k)
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-      return _rescore_parallel(codes, ids, w, b, k)
+      return faiss_kernels.rescore_parallel(codes, ids, w, b, k)
     finally:
       numba.set_num_threads(before)
 
@@ -216,41 +225,6 @@ class FaissIndex(index_lib.TokenIndex):
   def _save_files(self, directory):
     _faiss().write_index(self.index, os.path.join(directory, FILE))
     return [FILE]
-
-
-def _rescore(codes, cand, w, b, k):
-  """Best k of each row's candidates rescored as w[i] . codes[t] + b[i]: codes uint8 or float32 [T, D], cand int64
-  [N, C] (-1: none), w float32 [N, D], b float32 [N] -> (scores float32 [N, k], ids int64 [N, k]), ties in candidate
-  order, missing entries -inf / -1. Random reads of C code rows per query token, as FAISS's IndexRefine does."""
-  n, c = cand.shape
-  d = w.shape[1]
-  out_s = np.full((n, k), -np.inf, np.float32)
-  out_i = np.full((n, k), -1, np.int64)
-  for i in numba.prange(n):
-    s = np.empty(c, np.float32)
-    for j in range(c):
-      t = cand[i, j]
-      if t < 0:
-        s[j] = np.inf  # sorted last below
-        continue
-      acc = np.float32(0.0)
-      for e in range(d):
-        acc += w[i, e] * np.float32(codes[t, e])
-      s[j] = -(acc + b[i])
-    order = np.argsort(s, kind="mergesort")
-    for j in range(min(k, c)):
-      o = order[j]
-      if cand[i, o] < 0:
-        break
-      out_s[i, j] = -s[o]
-      out_i[i, j] = cand[i, o]
-  return out_s, out_i
-
-
-# fastmath: the dot products may be summed in any order (SIMD); scores then differ from FAISS's in the last bits.
-_rescore_serial = numba.njit(fastmath=True, cache=True)(_rescore)  # prange runs as range
-# (not cached: numba's cache may not tell two compilations of one function apart by their flags)
-_rescore_parallel = numba.njit(parallel=True, fastmath=True)(_rescore)
 
 
 def build(embeddings: np.ndarray, p: dict[str, Any], *, identity: dict[str, Any] | None = None) -> FaissIndex:

@@ -104,6 +104,11 @@ class TokenIndex(abc.ABC):
       raise ValueError(f"query dimension {q.shape[1]} does not match the index dimension {self.dim}")
     if int(k) < 1:
       raise ValueError(f"k must be >= 1, got {k}")
+    finite = np.isfinite(q).all(axis=1)
+    if not finite.all():  # every backend would return arbitrary tokens for it
+      bad = np.flatnonzero(~finite)
+      raise ValueError(f"{len(bad)} of {len(q)} query rows hold NaN or inf (first: row {bad[0]}, "
+                       f"{q[bad[0]][~np.isfinite(q[bad[0]])][:3].tolist()}); expected finite embeddings")
     return q, int(k)
 
   def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
