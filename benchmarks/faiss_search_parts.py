@@ -17,13 +17,14 @@ coarse step as one matmul + argpartition feeding `search_preassigned`, and the r
 + dot products; with --list_order, the refinement of a second index holding the same tokens added in inverted-list
 order (so that the refinement codes of one list are contiguous in memory, ids mapped back through the permutation),
 timed interleaved with the first; with --vs_index_refine, FAISS's own `IndexRefine` search against
-`FaissIndex.search` (the same coarse step and scan, then `faiss_kernels`' refinement), interleaved. With --probe_gap G, every setting is searched with the adaptive probe instead
-(`xtr_build_index.probe_gap`: lists probed = the setting's at most, those within G of the best, at least
---min_leaves): `scan` is then the whole base search for k' x factor candidates minus `coarse` (its top-k collection
-included, `collect` left empty) and `refine` the numba refinement. Same core, same queries, medians of --reps:
+`FaissIndex.search` (the same coarse step and list scan, then `faiss_kernels`' refinement), interleaved. With
+--probe_gap G, every setting is searched with the adaptive probe instead (`xtr_build_index.probe_gap`: lists probed =
+the setting's at most, those within G of the best, at least --min_leaves): `scan` is then the whole base search for
+k' x factor candidates minus `coarse` (its top-k collection included, `collect` left empty) and `refine` the numba
+refinement. Same core, same queries, medians of --reps:
 
     python benchmarks/faiss_search_parts.py --alternatives --list_order
-    python benchmarks/faiss_search_parts.py --vs_index_refine --settings 100:15:1.5,100:20:1.5,100:20:1.25
+    python benchmarks/faiss_search_parts.py --vs_index_refine --settings 100:15:1.5,100:20:1.5,100:20:2,1000:30:1.5
     python benchmarks/faiss_search_parts.py --probe_gap 0.15 --min_leaves 5 --settings 100:20:1.5,100:30:1.5
 """
 

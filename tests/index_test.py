@@ -621,7 +621,7 @@ def test_faiss_refinement_kernel_equals_numpy_reference():
   codes8 = rng.integers(0, 256, (500, 24), dtype=np.uint8)
   codes8[10:20] = codes8[5]  # identical rows: equal scores, kept in candidate order
   codes32 = rng.standard_normal((500, 24)).astype(np.float32)
-  codes32[0] = 0.0  # score = b exactly, and -0.0 when w . 0 rounds so: equal keys either way
+  codes32[0] = 0.0  # score = b: -0.0 in the rows where b is, which must tie with 0.0
   for codes in (codes8, codes32):
     for c, k in ((40, 25), (40, 40), (10, 25), (300, 100), (1, 1)):
       cand = rng.integers(0, 500, (30, c)).astype(np.int64)
@@ -649,7 +649,8 @@ def test_faiss_refinement_kernel_equals_numpy_reference():
   # The radix sort alone: the stable ascending order of uint32 keys, duplicates and every byte in play.
   for size in (0, 1, 7, 256, 3000):
     keys = rng.integers(0, 2 ** 32, size, dtype=np.uint64).astype(np.uint32)
-    keys[::3] = keys[0] if size else keys[::3]
+    if size:
+      keys[::3] = keys[0]
     keys[1::5] &= np.uint32(0xFF00)
     np.testing.assert_array_equal(faiss_kernels._stable_order(keys.copy()), np.argsort(keys, kind="stable"))
   vals = np.array([0.5, -0.0, 0.0, -np.inf, np.inf, -1e-30, 1e-30, 3.0, -3.0], np.float32)
