@@ -59,6 +59,18 @@ def _median_ms(fn, reps: int, per: int) -> float:
   return 1e3 * float(np.median(times)) / per
 
 
+def _interleaved_ms(runs: dict, rounds: int, per: int) -> dict[str, float]:
+  """Median ms per `per` of each named callable, the callables taking turns for `rounds` rounds after a warm-up one
+  (so that a noisy stretch of the machine hits all of them alike)."""
+  times: dict[str, list[float]] = {name: [] for name in runs}
+  for _ in range(rounds + 1):
+    for name, fn in runs.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: 1e3 * float(np.median(v[1:])) / per for name, v in times.items()}
+
+
 def numpy_coarse(flat: np.ndarray, centroids: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
   """(inner products f32 [m, nprobe], list ids int64 [m, nprobe]) of each query token's nprobe best lists."""
   sims = flat @ centroids.T
@@ -172,6 +184,7 @@ def main() -> None:
     if args.probe_gap:
       print(row + f"  (gap {args.probe_gap:g})", flush=True)
       continue
+    rp = faiss.IndexRefineSearchParameters(k_factor=(kk + 0.5) / k, base_index_params=ivf_params)
     if args.alternatives:
       base.nprobe = lists  # search_preassigned takes nprobe from the index, not from search parameters
       dq, iq = numpy_coarse(flat, centroids, lists)
@@ -180,33 +193,19 @@ def main() -> None:
       if factor > 1:
         cand = base.search(flat, kk, params=ivf_params)[1]
         got = numpy_refine(flat, cand, codes, vmin, vdiff, k)[1]
-        want = refined.index.search(flat, k, params=faiss.IndexRefineSearchParameters(
-            k_factor=(kk + 0.5) / k, base_index_params=ivf_params))[1]
+        want = refined.index.search(flat, k, params=rp)[1]
         agree = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(got, want)])
         row += f" {ms(lambda: numpy_refine(flat, cand, codes, vmin, vdiff, k)):7.3f} (same ids {agree:.3f})"
     if args.vs_index_refine and factor > 1 and not args.probe_gap:
-      rp = faiss.IndexRefineSearchParameters(k_factor=(kk + 0.5) / k, base_index_params=ivf_params)
-      runs = {"faiss": lambda: refined.index.search(flat, k, params=rp), "ours": lambda: idx.search(flat, k)}
-      times = {name: [] for name in runs}
-      for rep in range(2 * args.reps + 1):  # the first round warms up
-        for name, fn in runs.items():
-          t0 = time.perf_counter()
-          fn()
-          times[name].append(time.perf_counter() - t0)
-      med = {name: 1e3 * float(np.median(v[1:])) / nq for name, v in times.items()}
-      agree = np.mean(runs["faiss"]()[1] == idx.search(flat, k)[1])
+      med = _interleaved_ms({"faiss": lambda: refined.index.search(flat, k, params=rp),
+                             "ours": lambda: idx.search(flat, k)}, 2 * args.reps, nq)
+      agree = np.mean(refined.index.search(flat, k, params=rp)[1] == idx.search(flat, k)[1])
       row += f"  | IndexRefine {med['faiss']:.3f} vs ours {med['ours']:.3f} (same ids {agree:.4f})"
     if args.list_order and factor > 1:
-      rp = faiss.IndexRefineSearchParameters(k_factor=(kk + 0.5) / k, base_index_params=ivf_params)
-      times: dict[str, list[float]] = {"a": [], "b": [], "a_base": [], "b_base": []}
-      for _ in range(args.reps + 1):  # the first round warms up
-        for name, ix in (("a", refined.index), ("b", ordered)):
-          for part, fn in (("", lambda: ix.search(flat, k, params=rp)),
-                           ("_base", lambda: ix.base_index.search(flat, kk, params=ivf_params))):
-            t0 = time.perf_counter()
-            fn()
-            times[name + part].append(time.perf_counter() - t0)
-      med = {key: 1e3 * float(np.median(v[1:])) / nq for key, v in times.items()}
+      med = _interleaved_ms({"a": lambda: refined.index.search(flat, k, params=rp),
+                             "a_base": lambda: refined.index.base_index.search(flat, kk, params=ivf_params),
+                             "b": lambda: ordered.search(flat, k, params=rp),
+                             "b_base": lambda: ordered.base_index.search(flat, kk, params=ivf_params)}, args.reps, nq)
       ids_b = ordered.search(flat, k, params=rp)[1]
       ids_b = np.where(ids_b >= 0, perm[np.maximum(ids_b, 0)], -1)
       agree = np.mean([len(np.intersect1d(a, b)) / k for a, b in

@@ -2,13 +2,13 @@
 
 FAISS has no call that refines candidates it is handed, and `faiss_index` hands them over: its int8 / float32
 refinement runs FAISS's coarse quantizer and `search_preassigned` itself (the adaptive probe marks lists to skip in
-between) and rescores the candidates here. Two things make this kernel faster than FAISS's `IndexRefine` on one core
-(SciFact MiniLM tokens, 4,096 lists, k' = 100, 1.5 k' int8 candidates, 64 queries; README, Benchmarks: the
-session-20 row): every candidate is a random 128-byte row of a corpus-sized array, so the row `_PREFETCH_AHEAD`
-candidates ahead is requested early (a prefetch hint: it changes no value) and those memory waits overlap; and each
-query token's candidates are ordered by a radix sort of their scores (`_stable_order`) instead of a comparison
-sort. Measured inside the whole search, interleaved with the kernel without either: 1.90 -> 1.70 ms/query with the
-adaptive probe (gap 0.15, at most 20 lists), and 2.02 (`IndexRefine`) -> 1.89 with 15 lists fixed.
+between) and rescores the candidates here. Two things make this faster than FAISS's `IndexRefine`: every candidate
+is a random 128-byte row of a corpus-sized array, so the row `_PREFETCH_AHEAD` candidates ahead is requested early (a
+prefetch hint: it changes no value) and those memory waits overlap; and each query token's candidates are ordered by
+a radix sort of their scores (`_stable_order`) instead of a comparison sort. The whole search call, `IndexRefine`
+against `FaissIndex.search`, one core, SciFact MiniLM tokens, 4,096 lists, 64 queries (README, Benchmarks: the
+refinement-kernel row; `python benchmarks/faiss_search_parts.py --vs_index_refine`): 1.98 -> 1.84 ms/query at
+k' = 100 with 15 lists and 1.5 k' int8 candidates, 9.65 -> 7.33 at k' = 1000 with 30 lists.
 """
 
 from __future__ import annotations
